@@ -1,0 +1,113 @@
+"""Encode an ImageNet-style image folder with the Stable Diffusion VAE, once, so training can skip the encoder.
+
+    python extract_latents.py --data-path /data/imagenet/train --image-size 256 --vae ema --out latents/in256
+
+Writes shards of scaled latents and a meta.json (format described in data.py; read them with data.LatentsDataset).
+Images are centre-cropped and not flipped; the order is the folder's sorted order. Shard k draws its latent samples
+from a generator seeded with seed + k, so rerunning the same command skips finished shards and writes the rest exactly
+as an uninterrupted run would (on the same device and batch size).
+"""
+import argparse
+import json
+import os
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import LATENT_SCALE, ImageFolderDataset, encode_images, latents_shard_path, load_vae
+
+
+def save_atomically(save, path):
+    """Write with save(tmp_path), then rename: a file at `path` is always complete, even after a crash."""
+    tmp_path = path + ".tmp"
+    save(tmp_path)
+    os.replace(tmp_path, path)
+
+
+def write_or_check_meta(out_dir, meta):
+    """Write meta.json on the first run; on a rerun, refuse to mix shards made with different settings."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old_meta = json.load(f)
+        changed = [key for key in meta if key != "data_path" and old_meta.get(key) != meta[key]]
+        if changed:
+            differences = "; ".join(f"{key}: {old_meta.get(key)!r} there, {meta[key]!r} now" for key in changed)
+            raise ValueError(f"{out_dir} holds latents made with other settings ({differences}); "
+                             f"pass a new --out or empty this one")
+        return
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save(tmp_path):
+        with open(tmp_path, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    save_atomically(save, meta_path)
+
+
+def shard_batches(start, end, batch_size):
+    """Image indices [start, end) -> batches that stay inside the shard: [[start, ..., start+b-1], ...]."""
+    return [list(range(i, min(i + batch_size, end))) for i in range(start, end, batch_size)]
+
+
+def main(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = ImageFolderDataset(args.data_path, args.image_size, flip=False)
+    vae = load_vae(args.vae, device)  # before meta.json is written, so a wrong --vae leaves no trace in --out
+    num_shards = -(-len(dataset) // args.shard_size)
+    meta = {
+        "image_size": args.image_size, "vae": args.vae, "num_images": len(dataset), "shard_size": args.shard_size,
+        "num_shards": num_shards, "class_names": dataset.class_names, "flip": False, "mode": args.mode,
+        "seed": args.seed, "latent_scale": LATENT_SCALE, "data_path": os.path.abspath(args.data_path),
+    }
+    write_or_check_meta(args.out, meta)
+
+    todo = [k for k in range(num_shards) if not os.path.isfile(latents_shard_path(args.out, k))]
+    print(f"{len(dataset)} images in {len(dataset.class_names)} classes -> {num_shards} shards in {args.out}; "
+          f"{num_shards - len(todo)} already complete, {len(todo)} to write (device: {device})")
+    if not todo:
+        return
+
+    # Each batch lies inside one shard, so the loader's batches can be matched to shards in order.
+    batches = [(k, batch) for k in todo
+               for batch in shard_batches(k * args.shard_size, min((k + 1) * args.shard_size, len(dataset)),
+                                          args.batch_size)]
+    loader = DataLoader(dataset, batch_sampler=[batch for _, batch in batches], num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    shard_latents, shard_labels, generator = [], [], None
+    progress = tqdm(total=sum(len(batch) for _, batch in batches), unit="img", desc="encoding")
+    for i, ((k, _), (x, y)) in enumerate(zip(batches, loader)):
+        if generator is None:  # first batch of shard k
+            generator = torch.Generator().manual_seed(args.seed + k)  # CPU generator: same draws on any device
+        shard_latents.append(encode_images(vae, x.to(device), sample=args.mode == "sample", generator=generator).cpu())
+        shard_labels.append(y)
+        progress.update(len(y))
+        if i + 1 == len(batches) or batches[i + 1][0] != k:  # last batch of shard k
+            shard = {"latents": torch.cat(shard_latents).contiguous(),  # (n, C, h, w), scaled by LATENT_SCALE
+                     "labels": torch.cat(shard_labels).long()}  # (n,)
+            save_atomically(lambda tmp_path: torch.save(shard, tmp_path), latents_shard_path(args.out, k))
+            shard_latents, shard_labels, generator = [], [], None
+    progress.close()
+    print(f"done: {len(dataset)} latents of shape {tuple(shard['latents'].shape[1:])} in {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Encode an image folder into VAE latent shards for training.")
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="image folder laid out as root/<class>/<image> (like ImageNet's train folder)")
+    parser.add_argument("--image-size", type=int, default=256, help="centre-crop size in pixels before encoding")
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="'ema' or 'mse' (stabilityai/sd-vae-ft-*), another hub id, or a local VAE folder")
+    parser.add_argument("--out", type=str, required=True,
+                        help="output folder for meta.json and latents_*.pt; rerun with the same one to resume")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
+    parser.add_argument("--shard-size", type=int, default=10000, help="images per latents_*.pt file")
+    parser.add_argument("--mode", type=str, choices=["sample", "mean"], default="sample",
+                        help="store a sample of each latent distribution (as DiT trains) or its mean")
+    parser.add_argument("--seed", type=int, default=0, help="shard k samples latents with seed + k")
+    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes that decode images")
+    args = parser.parse_args()
+    if args.batch_size < 1 or args.shard_size < 1:
+        parser.error("--batch-size and --shard-size must be positive")
+    main(args)
