@@ -273,7 +273,7 @@ def parse_args(argv=None):
 
 def main(args):
     if args.to_diffusers:
-        model = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+        model, _ = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
         transformer = dit_to_diffusers(model)
         save_pretrained_atomic(transformer, args.out)
         print(f"wrote {args.out}: DiTTransformer2DModel {dict(transformer.config)}")

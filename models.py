@@ -238,14 +238,16 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, return_features=False):
+    def forward(self, x, t, y, return_features=False, force_drop_ids=None):
         """
         x: (N, C, H, W) noisy images or latents; t: (N,) timesteps; y: (N,) class labels (num_classes = null label).
         return_features=True also returns the list of every block's output, each (N, T, D), from this same pass.
+        force_drop_ids: (N,) 1 where the label is replaced by the null label, instead of the random dropout of
+        training mode (so a teacher and its student can drop the same labels).
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p ** 2
         t = self.t_embedder(t)  # (N, D)
-        y = self.y_embedder(y, self.training)  # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
         features = []
         for block in self.blocks:
@@ -351,10 +353,12 @@ VAE_DOWNSAMPLE = 8  # the Stable Diffusion VAE maps 8x8 pixels to one latent: 25
 
 
 def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None):
-    """A DiT from a training checkpoint ({"config", "ema" and/or "model"}; "ema" preferred) or a raw state_dict.
+    """(model, data) from a training checkpoint ({"config", "ema" and/or "model"}; "ema" preferred) or a raw state_dict.
 
     A raw state_dict (e.g. the official DiT-XL-2-256x256.pt) carries no config: give model_name and image_size
     (in image pixels, latents are image_size / 8) and num_classes (default 1000), as the original sample.py does.
+    data describes what the model denoises: {"image_size": pixels, "latent": bool, "vae": name or path or None}
+    (None: the checkpoint does not say which VAE; a raw state_dict is taken as a latent model).
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     is_training_checkpoint = "ema" in checkpoint or "model" in checkpoint
@@ -363,6 +367,8 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
     if config is not None:
         if (model_name, image_size, num_classes) != (None, None, None):
             raise ValueError(f"{path} carries its model config; drop --model, --image-size and --num-classes")
+        data = checkpoint.get("data") or {"image_size": config["input_size"] * VAE_DOWNSAMPLE, "latent": True,
+                                          "vae": None}
     else:
         if model_name is None or image_size is None:
             raise ValueError(f"{path} has no model config (a raw state_dict): pass --model and --image-size")
@@ -370,13 +376,27 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
             raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's {VAE_DOWNSAMPLE}")
         config = model_config(model_name, input_size=image_size // VAE_DOWNSAMPLE,
                               num_classes=1000 if num_classes is None else num_classes)
+        data = {"image_size": image_size, "latent": True, "vae": None}
     model = DiT(**config)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"the weights in {path} do not fit the DiT config {config}; for a raw state_dict check "
-                         f"--model, --image-size and --num-classes\n{error}") from None
-    return model.eval()
+    load_state_dict_strict(model, state_dict, f"{path} (for a raw state_dict check --model, --image-size and "
+                                              f"--num-classes)")
+    return model.eval(), data
+
+
+def load_state_dict_strict(model, state_dict, source):
+    """load_state_dict(strict=True), with an error that lists the missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        def listing(keys):
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "") if keys else "none"
+        raise ValueError(f"the weights in {source} do not fit the model {model.config}:\n"
+                         f"  missing keys: {listing(missing)}\n  unexpected keys: {listing(unexpected)}\n"
+                         f"  shape mismatches: {listing(mis_shaped)}")
+    model.load_state_dict(state_dict, strict=True)
 
 
 def save_checkpoint_atomic(obj, path):

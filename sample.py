@@ -1,0 +1,163 @@
+"""Sample images from a DiT checkpoint: a PNG grid, and optionally an ADM-layout .npz for evaluation.
+
+    python sample.py --ckpt results/digits/checkpoints/0002000.pt --npz samples.npz
+    python sample.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --vae /path/to/sd-vae-ft-ema
+
+--ckpt takes the project's training checkpoints (config read from it, EMA weights) or an official raw state_dict
+(then --model and --image-size, as the original sample.py).
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from diffusion import create_diffusion
+from models import DiT_models, load_dit_checkpoint
+
+IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's classes
+
+
+def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm", temperature=1.0, eta=0.0,
+                 progress=False):
+    """Denoise `noise` (N, C, H, W) into samples for class `labels` (N,); returns (N, C, H, W) model-space samples."""
+    if cfg_scale != 1.0:
+        # Classifier-free guidance (Ho & Salimans 2022): the batch is doubled with null labels.
+        null = torch.full_like(labels, model.config["num_classes"])
+        z = torch.cat([noise, noise], dim=0)  # (2N, C, H, W)
+        model_kwargs = dict(y=torch.cat([labels, null], dim=0), cfg_scale=cfg_scale)
+        denoiser = model.forward_with_cfg
+    else:  # cfg_scale 1 is the conditional model: skip the wasted unconditional half
+        z, model_kwargs, denoiser = noise, dict(y=labels), model.forward
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    extra = dict(eta=eta) if sampler == "ddim" else {}
+    samples = loop(denoiser, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs, progress=progress,
+                   device=z.device, temperature=temperature, **extra)
+    return samples[: len(noise)]
+
+
+def to_uint8_nhwc(images):
+    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C), the rounding of the original sample_ddp.py."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+@torch.no_grad()
+def generate(model, data, labels, seed=0, num_sampling_steps=250, sampler="ddpm", cfg_scale=1.0, temperature=1.0,
+             eta=0.0, batch_size=64, vae=None, progress=True):
+    """Images in [-1, 1], (N, C, H, W) on the CPU, for `labels`; the same seed gives the same images.
+
+    The initial noise of all N samples is drawn at once on the CPU from `seed`, so the DDIM (eta=0) images do not
+    depend on batch_size or device. data: the checkpoint's description (load_dit_checkpoint); vae decodes latents.
+    """
+    if data["latent"] and vae is None:
+        raise ValueError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
+    device = next(model.parameters()).device
+    respacing = f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
+    diffusion = create_diffusion(respacing, learn_sigma=model.config["learn_sigma"])
+    cfg = model.config
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=generator)
+    torch.manual_seed(seed)  # the per-step noise of DDPM
+    images = []
+    starts = range(0, len(labels), batch_size)
+    for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
+        z = noise[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        samples = sample_batch(model, diffusion, z, y, cfg_scale, sampler, temperature, eta,
+                               progress=progress and len(starts) == 1)
+        if data["latent"]:
+            from data import decode_latents
+            samples = decode_latents(vae, samples)
+        images.append(samples.float().cpu())
+    return torch.cat(images)
+
+
+def default_labels(num_classes, num_samples):
+    """The original demo classes for ImageNet; otherwise every class in turn."""
+    base = IMAGENET_DEMO_LABELS if num_classes == 1000 else list(range(num_classes))
+    count = num_samples or len(base)
+    return [base[i % len(base)] for i in range(count)]
+
+
+def save_npz(path, images, labels):
+    """ADM layout: arr_0 uint8 (N, H, W, C), arr_1 int64 labels (N,); written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp.npz"
+    np.savez(temporary, arr_0=to_uint8_nhwc(images), arr_1=np.asarray(labels, dtype=np.int64))
+    os.replace(temporary, path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into a PNG grid (and an ADM .npz).")
+    parser.add_argument("--ckpt", required=True, help="training checkpoint of this project, or an official raw "
+                                                      "state_dict (then also --model and --image-size)")
+    raw = parser.add_argument_group("raw state_dicts (official DiT checkpoints)")
+    raw.add_argument("--model", choices=list(DiT_models), default=None, help="architecture of a raw state_dict")
+    raw.add_argument("--image-size", type=int, default=None,
+                     help="image size in pixels of a raw state_dict (256 or 512 for the official ones)")
+    raw.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
+    sampling.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of steps")
+    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    sampling.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
+    sampling.add_argument("--temperature", type=float, default=1.0,
+                          help="divide the model output by this before forming each step's mean and variance")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
+    sampling.add_argument("--class-labels", type=int, nargs="+", default=None,
+                          help="classes to sample (default: the original demo classes for 1000 classes, else all)")
+    sampling.add_argument("--num-samples", type=int, default=None,
+                          help="number of images; --class-labels (or the defaults) repeat to fill it")
+    sampling.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    sampling.add_argument("--vae", default=None, help="VAE to decode latents: ema, mse, a local folder or a hub id "
+                                                      "(default: the checkpoint's, else ema)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="sample.png", help="PNG grid path")
+    output.add_argument("--npz", default=None, help="also write the samples as an ADM-layout .npz here")
+    output.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    args = parser.parse_args(argv)
+    if args.num_sampling_steps < 1:
+        parser.error("--num-sampling-steps must be at least 1")
+    if args.temperature <= 0:
+        parser.error("--temperature must be positive")
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error("--num-samples must be at least 1")
+    if not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt {args.ckpt} does not exist")
+    return args
+
+
+def main(args):
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample.py
+    torch.backends.cudnn.allow_tf32 = True
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    model.to(device)
+    num_classes = model.config["num_classes"]
+    labels = args.class_labels
+    if labels is not None and args.num_samples:
+        labels = [labels[i % len(labels)] for i in range(args.num_samples)]
+    labels = labels if labels is not None else default_labels(num_classes, args.num_samples)
+    if min(labels) < 0 or max(labels) >= num_classes:
+        raise SystemExit(f"error: --class-labels must lie in [0, {num_classes - 1}] for this model")
+    vae = None
+    if data["latent"]:
+        from data import load_vae
+        vae = load_vae(args.vae or data["vae"] or "ema", device)
+    images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
+                      sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
+                      batch_size=args.batch_size, vae=vae)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_image(images, args.out, nrow=max(1, int(math.sqrt(len(images)))), normalize=True, value_range=(-1, 1))
+    print(f"wrote {args.out} ({len(images)} images)")
+    if args.npz:
+        save_npz(args.npz, images, labels)
+        print(f"wrote {args.npz}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
