@@ -405,6 +405,9 @@ def save_checkpoint_atomic(obj, path):
     os.makedirs(folder, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it torch.save's usual permissions
     try:
         torch.save(obj, temporary)
         os.replace(temporary, path)
