@@ -177,10 +177,10 @@ def build_student(args, data, teacher):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over all parameters (pos_embed is fixed and stays equal)."""
+    """ema <- decay * ema + (1 - decay) * model (one fused op), over all parameters (pos_embed is fixed)."""
     ema_params = dict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+    names = [name for name, _ in model.named_parameters()]
+    torch._foreach_lerp_([ema_params[n] for n in names], [p.data for _, p in model.named_parameters()], 1 - decay)
 
 
 #################################################################################
@@ -320,7 +320,7 @@ def train(args, rank, world_size, device):
         projections = FeatureProjections(student.config["hidden_size"], teacher.config["hidden_size"],
                                          student.config["depth"]).to(device)
     trainable = [p for p in student.parameters() if p.requires_grad] + list(projections.parameters())
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel per step
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=student.config["learn_sigma"])
     total_steps = args.warmup_steps + args.feature_steps + args.joint_steps if args.distillation else args.max_steps
 
