@@ -156,8 +156,11 @@ def load_teacher(args, data, device):
     checkpoint = torch.load(args.teacher_ckpt, map_location="cpu", weights_only=True)
     if "ema" in checkpoint or "model" in checkpoint:  # a training checkpoint: its EMA weights
         checkpoint = checkpoint.get("ema", checkpoint.get("model"))
-    load_state_dict_strict(teacher, checkpoint, f"--teacher-ckpt {args.teacher_ckpt} (for --teacher-model "
-                                                f"{args.teacher_model})")
+    try:
+        load_state_dict_strict(teacher, checkpoint, f"--teacher-ckpt {args.teacher_ckpt} (for --teacher-model "
+                                                    f"{args.teacher_model})")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     teacher.requires_grad_(False)  # frozen three ways: no grads, eval mode, and no_grad around its call
     teacher.eval()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -302,11 +305,15 @@ def train(args, rank, world_size, device):
     writer = SummaryWriter(os.path.join(args.results_dir, "tensorboard")) if rank == 0 else None
 
     # ---------------------------------------------------------------- data and models
-    dataset, data, vae = build_dataset(args, device)
+    try:
+        dataset, data, vae = build_dataset(args, device)
+    except (FileNotFoundError, ValueError, OSError) as error:  # a missing path, an empty folder, a bad VAE
+        raise SystemExit(f"error: {error}") from None
     if len(dataset) < args.global_batch_size:
         raise SystemExit(f"error: the data set has {len(dataset)} examples, fewer than --global-batch-size "
                          f"{args.global_batch_size}")
     teacher = load_teacher(args, data, device) if args.distillation else None
+    torch.manual_seed(derived_seed(args.seed, "init"))  # the same initial student (and projections) everywhere
     student = build_student(args, data, teacher).to(device)
     if args.grad_checkpointing:
         student.enable_gradient_checkpointing()
