@@ -22,8 +22,11 @@ IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original s
 
 
 def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm", temperature=1.0, eta=0.0,
-                 progress=False):
-    """Denoise `noise` (N, C, H, W) into samples for class `labels` (N,); returns (N, C, H, W) model-space samples."""
+                 progress=False, clip_denoised=False):
+    """Denoise `noise` (N, C, H, W) into samples for class `labels` (N,); returns (N, C, H, W) model-space samples.
+
+    clip_denoised clamps each step's x_0 estimate to [-1, 1]: right for pixels, off for latents (as the original).
+    """
     if cfg_scale != 1.0:
         # Classifier-free guidance (Ho & Salimans 2022): the batch is doubled with null labels.
         null = torch.full_like(labels, model.config["num_classes"])
@@ -34,7 +37,7 @@ def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm",
         z, model_kwargs, denoiser = noise, dict(y=labels), model.forward
     loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     extra = dict(eta=eta) if sampler == "ddim" else {}
-    samples = loop(denoiser, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs, progress=progress,
+    samples = loop(denoiser, z.shape, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, progress=progress,
                    device=z.device, temperature=temperature, **extra)
     return samples[: len(noise)]
 
@@ -68,7 +71,7 @@ def generate(model, data, labels, seed=0, num_sampling_steps=250, sampler="ddpm"
         z = noise[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
         samples = sample_batch(model, diffusion, z, y, cfg_scale, sampler, temperature, eta,
-                               progress=progress and len(starts) == 1)
+                               progress=progress and len(starts) == 1, clip_denoised=not data["latent"])
         if data["latent"]:
             from data import decode_latents
             samples = decode_latents(vae, samples)

@@ -1,0 +1,195 @@
+"""The main job on the embedded default: teacher -> distilled student vs the same student from scratch, on digits.
+
+    python run_digits.py --out results/digits
+
+1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
+--distillation), 3. trains the same student from scratch for the same number of steps, 4. samples all three with the
+same classes and noise (teacher.npz, student.npz, scratch.npz), 5. scores them (evaluate.py), 6. exports the student
+(export.py), 7. writes report.md, a side-by-side grid and the loss curves into --out. Every step is reused when its
+output already exists, so rerunning after a stop continues where it stopped.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TEACHER, STUDENT = "DiT-Digits-T", "DiT-Digits-S"
+TRAINING = ["--global-batch-size", "128", "--lr", "5e-4", "--ema-decay", "0.995", "--log-every", "100"]
+
+
+def run(script, *arguments):
+    """Run one of the project's scripts as a user would; its progress bars show through."""
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, arguments)]
+    print("$ " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def final_checkpoint(results_dir, steps):
+    return os.path.join(results_dir, "checkpoints", f"{steps:07d}.pt")
+
+
+def train_models(args):
+    """Teacher, distilled student and scratch student; train.py resumes or skips what is already done."""
+    teacher_dir, student_dir, scratch_dir = (os.path.join(args.out, n) for n in ("teacher", "student", "scratch"))
+    student_steps = args.warmup_steps + args.feature_steps + args.joint_steps
+    run("train.py", "--model", TEACHER, "--max-steps", args.teacher_steps, "--ckpt-every", args.teacher_steps,
+        "--results-dir", teacher_dir, "--seed", args.seed, *TRAINING)
+    teacher_ckpt = final_checkpoint(teacher_dir, args.teacher_steps)
+    run("train.py", "--distillation", "--teacher-model", TEACHER, "--teacher-ckpt", teacher_ckpt,
+        "--student-model", STUDENT, "--warmup-steps", args.warmup_steps, "--feature-steps", args.feature_steps,
+        "--joint-steps", args.joint_steps, "--ckpt-every", student_steps, "--results-dir", student_dir,
+        "--seed", args.seed, *TRAINING)
+    run("train.py", "--model", STUDENT, "--max-steps", student_steps, "--ckpt-every", student_steps,
+        "--results-dir", scratch_dir, "--seed", args.seed, *TRAINING)
+    return {"teacher": teacher_ckpt, "student": final_checkpoint(student_dir, student_steps),
+            "scratch": final_checkpoint(scratch_dir, student_steps)}
+
+
+def sample_all(args, checkpoints):
+    """Each model's samples for the same labels and initial noise, as ADM .npz files; timed for the report."""
+    from models import load_dit_checkpoint
+    from sample import generate, save_npz
+    labels = [i % 10 for i in range(args.num_samples)]
+    timings = {}
+    for name, path in checkpoints.items():
+        npz = os.path.join(args.out, f"{name}.npz")
+        model, data = load_dit_checkpoint(path)
+        start = time.perf_counter()
+        images = generate(model, data, labels[:args.timing_samples], seed=args.seed, num_sampling_steps=args.steps,
+                          sampler="ddim", cfg_scale=args.cfg_scale, batch_size=args.timing_samples, progress=False)
+        timings[name] = (time.perf_counter() - start) / args.timing_samples
+        if not os.path.exists(npz):
+            images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.steps, sampler="ddim",
+                              cfg_scale=args.cfg_scale, batch_size=500, progress=True)
+            save_npz(npz, images, labels)
+    return timings
+
+
+def score_all(args):
+    from evaluate import digits_reference_scores, digits_scores
+    cache = os.path.join(args.out, "digits_scorer")
+    scores = {}
+    for name in ("teacher", "student", "scratch"):
+        with np.load(os.path.join(args.out, f"{name}.npz")) as samples:
+            scores[name] = digits_scores(samples["arr_0"], samples["arr_1"], cache_dir=cache)
+    scores["real"] = digits_reference_scores(cache_dir=cache)
+    return scores
+
+
+def export_student(args, checkpoint):
+    """TorchScript fp32 and int8 of the distilled student, each verified in a fresh process by export.py."""
+    exported = {}
+    for int8 in (False, True):
+        out = os.path.join(args.out, "export", f"student{'-int8' if int8 else ''}.ts")
+        if not os.path.exists(out):
+            run("export.py", "--ckpt", checkpoint, "--format", "torchscript", "--out", out,
+                *(["--int8"] if int8 else []))
+        exported["int8" if int8 else "fp32"] = out
+    return exported
+
+
+def save_comparison_grid(args):
+    """Teacher / distilled student / scratch student, one row each, for the same classes and initial noise."""
+    from torchvision.utils import save_image
+    rows = []
+    for name in ("teacher", "student", "scratch"):
+        with np.load(os.path.join(args.out, f"{name}.npz")) as samples:
+            images = torch.from_numpy(samples["arr_0"][:10]).permute(0, 3, 1, 2).float() / 255  # (10, C, H, W)
+        rows.append(torch.nn.functional.interpolate(images, scale_factor=4, mode="nearest"))
+    path = os.path.join(args.out, "comparison.png")
+    save_image(torch.cat(rows), path, nrow=10, padding=2, pad_value=1.0)
+    return path
+
+
+def save_loss_curves(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for axis, name in zip(axes, ("teacher", "student", "scratch")):
+        events = EventAccumulator(os.path.join(args.out, name, "tensorboard"))
+        events.Reload()
+        for tag in sorted(t for t in events.Tags()["scalars"] if t.startswith("loss/")):
+            steps, values = zip(*[(e.step, e.value) for e in events.Scalars(tag)])
+            axis.plot(steps, values, label=tag[len("loss/"):])
+        axis.set_title({"teacher": "teacher", "student": "distilled student", "scratch": "student from scratch"}[name])
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = os.path.join(args.out, "loss_curves.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(args, checkpoints, timings, scores, exported):
+    from bench import flops_per_forward
+    from models import load_dit_checkpoint
+    lines = ["# Digits: teacher, distilled student, student from scratch", "",
+             f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "
+             f"per model (classes 0-9 in turn, the same initial noise for every model), DDIM {args.steps} steps, "
+             f"cfg scale {args.cfg_scale}. Scores from evaluate.py's digits classifier (held-out real digits: "
+             f"accuracy {scores['real']['accuracy']:.3f}, Frechet distance floor {scores['real']['frechet']:.2f}).",
+             "", "| model | parameters | GFLOPs / forward | sampling time vs teacher | class accuracy | "
+                 "Frechet distance |", "|---|---:|---:|---:|---:|---:|"]
+    names = {"teacher": f"teacher ({TEACHER})", "student": f"distilled student ({STUDENT})",
+             "scratch": f"scratch student ({STUDENT})"}
+    for name, path in checkpoints.items():
+        model, _ = load_dit_checkpoint(path)
+        parameters = sum(p.numel() for p in model.parameters())
+        gflops = flops_per_forward(model.config) / 2 / 1e9  # multiply-adds, as the DiT paper counts
+        lines.append(f"| {names[name]} | {parameters:,} | {gflops:.4f} | {timings[name] / timings['teacher']:.2f} | "
+                     f"{scores[name]['accuracy']:.3f} | {scores[name]['frechet']:.2f} |")
+    lines += ["", "![teacher / distilled student / scratch student](comparison.png)", "",
+              "Rows: teacher, distilled student, scratch student; columns: classes 0-9.", "",
+              "![loss curves](loss_curves.png)", "",
+              f"Exported student: {', '.join(os.path.relpath(p, args.out) for p in exported.values())}."]
+    path = os.path.join(args.out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "scores.json"), "w") as f:
+        json.dump({"scores": scores, "sampling_seconds_per_image": timings}, f, indent=2)
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Teacher -> distilled student vs scratch student on the embedded "
+                                                 "digits: train, sample, score, export, report.")
+    parser.add_argument("--out", default="results/digits", help="output folder (rerunning reuses finished steps)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
+    parser.add_argument("--teacher-steps", type=int, default=3000, help="teacher training steps")
+    parser.add_argument("--warmup-steps", type=int, default=400, help="student warmup steps (diffusion loss only)")
+    parser.add_argument("--feature-steps", type=int, default=800, help="student steps adding feature distillation")
+    parser.add_argument("--joint-steps", type=int, default=1200, help="student steps adding output distillation")
+    parser.add_argument("--num-samples", type=int, default=1000, help="samples per model for the scores")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
+    args = parser.parse_args(argv)
+    if min(args.teacher_steps, args.num_samples, args.steps, args.timing_samples) < 1:
+        parser.error("--teacher-steps, --num-samples, --steps and --timing-samples must be at least 1")
+    return args
+
+
+def main(args):
+    os.makedirs(args.out, exist_ok=True)
+    checkpoints = train_models(args)
+    timings = sample_all(args, checkpoints)
+    scores = score_all(args)
+    exported = export_student(args, checkpoints["student"])
+    save_comparison_grid(args)
+    save_loss_curves(args)
+    report = write_report(args, checkpoints, timings, scores, exported)
+    print(open(report).read())
+
+
+if __name__ == "__main__":
+    main(parse_args())

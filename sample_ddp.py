@@ -1,0 +1,243 @@
+"""Sample many images for FID into one ADM-layout .npz, in parallel under torchrun, resumable in chunks.
+
+    python sample_ddp.py --ckpt results/digits/checkpoints/0002000.pt --num-samples 10000 --sample-dir samples/digits
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \
+        --vae /path/to/sd-vae-ft-ema --sample-dir samples/xl2-cfg1.5
+
+Sample i has class label i % num_classes: class-balanced (50,000 images of 1,000 classes are 50 per class) and the
+same for any number of processes. --sample-dir holds
+    meta.json          the settings of the run; a rerun with other settings is refused
+    chunk_00000.npz    samples [k * chunk_size, (k + 1) * chunk_size) of chunk k in the ADM layout (arr_0 uint8
+    chunk_00001.npz    (n, H, W, C), arr_1 int64 labels (n,)), from noise seeded by (seed, k) alone, so neither the
+    ...                number of processes nor the order of the chunks changes them; each written atomically
+    samples_N.npz      every chunk in order, written by rank 0 at the end (--out puts it elsewhere)
+Rerunning the same command skips finished chunks: a job that stops loses only the chunks in flight.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from models import DiT_models, load_dit_checkpoint
+from sample import generate, save_npz
+from train import cleanup, derived_seed, setup_distributed
+
+
+def print_rank0(rank, message):
+    if rank == 0:
+        print(message, flush=True)
+
+
+def chunk_path(sample_dir, chunk):
+    return os.path.join(sample_dir, f"chunk_{chunk:05d}.npz")
+
+
+def chunk_indices(chunk, chunk_size, num_samples):
+    """The sample indices of one chunk: chunk_size consecutive ones (fewer in the last chunk)."""
+    return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#################################################################################
+#                        The sample folder and its meta.json                    #
+#################################################################################
+
+def run_settings(args, vae_name):
+    """Everything that decides which images a chunk holds. --per-proc-batch-size is left out: it may change between
+    reruns (with DDPM it reorders the per-step noise draws, not their distribution; DDIM with eta 0 is unaffected)."""
+    return dict(ckpt_sha256=file_sha256(args.ckpt), model=args.model, image_size=args.image_size,
+                num_classes=args.num_classes, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
+                eta=args.eta, cfg_scale=args.cfg_scale, temperature=args.temperature, seed=args.seed, vae=vae_name,
+                num_samples=args.num_samples, chunk_size=args.chunk_size)
+
+
+def prepare_sample_dir(sample_dir, settings, num_classes, num_chunks):
+    """Create sample_dir with its meta.json, or check that the run already there has the same settings (rank 0)."""
+    meta_path = os.path.join(sample_dir, "meta.json")
+    os.makedirs(sample_dir, exist_ok=True)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            saved = json.load(f)["settings"]
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            def flag(key):
+                return "--ckpt (file contents, sha256)" if key == "ckpt_sha256" else "--" + key.replace("_", "-")
+            details = ", ".join(f"{flag(k)}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise SystemExit(f"error: {sample_dir} holds chunks of a run with other settings ({details}); rerun "
+                             f"with that run's settings to resume it, or choose a new --sample-dir")
+        return
+    if any(name.startswith("chunk_") for name in os.listdir(sample_dir)):
+        raise SystemExit(f"error: {sample_dir} holds chunk files but no meta.json, so their settings are unknown; "
+                         f"choose a new --sample-dir (or empty this one)")
+    meta = dict(settings=settings, num_classes=num_classes, num_chunks=num_chunks,
+                labels="sample i has label i % num_classes")
+    temporary = meta_path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(temporary, meta_path)
+
+
+def read_chunk(path, indices, labels):
+    """A finished chunk's images (n, H, W, C) uint8, after checking its count and labels against the run's."""
+    try:
+        with np.load(path) as npz:
+            images, chunk_labels = npz["arr_0"], npz["arr_1"]  # (n, H, W, C), (n,)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise SystemExit(f"error: cannot read {path} ({error}); delete it and rerun the same command to sample it "
+                         f"again") from None
+    if images.dtype != np.uint8 or len(images) != len(indices) or \
+            not np.array_equal(chunk_labels, labels[indices.start:indices.stop]):
+        raise SystemExit(f"error: {path} holds {len(images)} images ({images.dtype}) with other labels than samples "
+                         f"{indices.start}..{indices.stop - 1} of this run; delete it and rerun the same command")
+    return images
+
+
+def concatenate_chunks(args, num_chunks, num_classes, out):
+    """Every chunk in order -> out in the ADM layout, streamed into the .npz one chunk at a time, so that 50K images
+    (10 GB at 256px, 39 GB at 512px) never sit in memory at once; written atomically."""
+    labels = np.arange(args.num_samples, dtype=np.int64) % num_classes  # (N,)
+    image_shape = read_chunk(chunk_path(args.sample_dir, 0), chunk_indices(0, args.chunk_size, args.num_samples),
+                             labels).shape[1:]  # (H, W, C)
+    header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (args.num_samples, *image_shape)}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    temporary = out + ".tmp.npz"
+    try:
+        # The layout np.savez writes: an uncompressed zip of arr_0.npy and arr_1.npy.
+        with zipfile.ZipFile(temporary, "w", allowZip64=True) as npz:
+            with npz.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for chunk in tqdm(range(num_chunks), desc="concatenating", unit="chunk"):
+                    path, indices = chunk_path(args.sample_dir, chunk), chunk_indices(chunk, args.chunk_size,
+                                                                                      args.num_samples)
+                    images = read_chunk(path, indices, labels)
+                    if images.shape[1:] != image_shape:
+                        raise SystemExit(f"error: {path} holds {images.shape[1:]} images, not {image_shape} as "
+                                         f"chunk 0; delete it and rerun the same command")
+                    f.write(np.ascontiguousarray(images).tobytes())
+            with npz.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels)
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    per_class = np.bincount(labels, minlength=num_classes)
+    print(f"wrote {out}: arr_0 {header['shape']} uint8, arr_1 labels i % {num_classes} "
+          f"({per_class.min()} to {per_class.max()} images per class)", flush=True)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def main(args):
+    rank, world_size, device = setup_distributed()
+    try:
+        sample(args, rank, world_size, device)
+    finally:
+        cleanup()
+
+
+def sample(args, rank, world_size, device):
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample_ddp.py
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    model.to(device)
+    num_classes = model.config["num_classes"]
+    if args.vae and not data["latent"]:
+        raise SystemExit(f"error: {args.ckpt} denoises pixels, not VAE latents; drop --vae")
+    vae_name = (args.vae or data["vae"] or "ema") if data["latent"] else None
+    num_chunks = math.ceil(args.num_samples / args.chunk_size)
+    out = args.out or os.path.join(args.sample_dir, f"samples_{args.num_samples}.npz")
+
+    if rank == 0:
+        prepare_sample_dir(args.sample_dir, run_settings(args, vae_name), num_classes, num_chunks)
+    if dist.is_initialized():
+        dist.barrier()  # nobody writes a chunk before this, so every rank sees the same missing chunks
+    missing = [k for k in range(num_chunks) if not os.path.isfile(chunk_path(args.sample_dir, k))]
+    mine = missing[rank::world_size]  # round-robin over what is left, so a resumed run stays balanced
+    print_rank0(rank, f"{num_chunks - len(missing)} of {num_chunks} chunks of {args.chunk_size} already in "
+                      f"{args.sample_dir}; sampling {len(missing)} on {world_size} process(es), device {device}")
+
+    vae = None
+    if data["latent"] and mine:
+        from data import load_vae
+        try:
+            vae = load_vae(vae_name, device)
+        except OSError as error:  # FileNotFoundError included
+            raise SystemExit(f"error: {error}") from None
+    for chunk in tqdm(mine, desc=f"sampling (rank 0 of {world_size})", unit="chunk", disable=rank != 0):
+        indices = chunk_indices(chunk, args.chunk_size, args.num_samples)
+        labels = [i % num_classes for i in indices]
+        images = generate(model, data, labels, seed=derived_seed(args.seed, "chunk", chunk),
+                          num_sampling_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                          temperature=args.temperature, eta=args.eta, batch_size=args.per_proc_batch_size, vae=vae,
+                          progress=False)  # (n, C, H, W) in [-1, 1]
+        save_npz(chunk_path(args.sample_dir, chunk), images, labels)
+
+    if dist.is_initialized():
+        dist.barrier()  # ranks finish within about one chunk of each other
+    if rank == 0:
+        concatenate_chunks(args, num_chunks, num_classes, out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into an ADM-layout .npz for FID, under "
+                                                 "torchrun or as one process; rerun the same command to resume.")
+    parser.add_argument("--ckpt", required=True, help="training checkpoint of this project, or an official raw "
+                                                      "state_dict (then also --model and --image-size)")
+    raw = parser.add_argument_group("raw state_dicts (official DiT checkpoints)")
+    raw.add_argument("--model", choices=list(DiT_models), default=None, help="architecture of a raw state_dict")
+    raw.add_argument("--image-size", type=int, default=None,
+                     help="image size in pixels of a raw state_dict (256 or 512 for the official ones)")
+    raw.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--num-samples", type=int, default=50_000,
+                          help="number of images; sample i has class label i %% num_classes")
+    sampling.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
+    sampling.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
+    sampling.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of steps")
+    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    sampling.add_argument("--cfg-scale", type=float, default=1.5,
+                          help="classifier-free guidance scale (1: none; 1.5 as the original sample_ddp.py)")
+    sampling.add_argument("--temperature", type=float, default=1.0,
+                          help="divide the model output by this before forming each step's mean and variance")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed; chunk k's noise comes from (seed, k)")
+    sampling.add_argument("--vae", default=None, help="VAE to decode latents: ema, mse, a local folder or a hub id "
+                                                      "(default: the checkpoint's, else ema)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--sample-dir", required=True,
+                        help="folder for meta.json and the chunks (shared by all nodes of a multi-node run)")
+    output.add_argument("--chunk-size", type=int, default=256,
+                        help="consecutive samples per chunk file; a stopped job loses the chunks in flight. A "
+                             "multiple of --per-proc-batch-size keeps every batch full")
+    output.add_argument("--out", default=None, help="the final .npz (default: SAMPLE_DIR/samples_NUM_SAMPLES.npz)")
+    args = parser.parse_args(argv)
+    for flag in ("num_samples", "per_proc_batch_size", "num_sampling_steps", "chunk_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.temperature <= 0:
+        parser.error("--temperature must be positive")
+    if not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt {args.ckpt} does not exist")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
