@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from diffusion import create_diffusion
@@ -28,6 +27,9 @@ def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm",
     clip_denoised clamps each step's x_0 estimate to [-1, 1]: right for pixels, off for latents (as the original).
     """
     if cfg_scale != 1.0:
+        if model.config["class_dropout_prob"] == 0:
+            raise ValueError("this model was trained without label dropout, so it has no null label to guide "
+                             "against: use --cfg-scale 1")
         # Classifier-free guidance (Ho & Salimans 2022): the batch is doubled with null labels.
         null = torch.full_like(labels, model.config["num_classes"])
         z = torch.cat([noise, noise], dim=0)  # (2N, C, H, W)
@@ -53,7 +55,8 @@ def generate(model, data, labels, seed=0, num_sampling_steps=250, sampler="ddpm"
     """Images in [-1, 1], (N, C, H, W) on the CPU, for `labels`; the same seed gives the same images.
 
     The initial noise of all N samples is drawn at once on the CPU from `seed`, so the DDIM (eta=0) images do not
-    depend on batch_size or device. data: the checkpoint's description (load_dit_checkpoint); vae decodes latents.
+    depend on batch_size or device; DDPM's per-step noise comes from the global RNG, reseeded here from `seed`, so its
+    images also depend on batch_size. data: the checkpoint's description (load_dit_checkpoint); vae decodes latents.
     """
     if data["latent"] and vae is None:
         raise ValueError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
@@ -138,7 +141,12 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample.py
     torch.backends.cudnn.allow_tf32 = True
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    try:
+        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.vae and not data["latent"]:
+        raise SystemExit("error: this model denoises pixels, not VAE latents: drop --vae")
     model.to(device)
     num_classes = model.config["num_classes"]
     labels = args.class_labels
@@ -150,10 +158,17 @@ def main(args):
     vae = None
     if data["latent"]:
         from data import load_vae
-        vae = load_vae(args.vae or data["vae"] or "ema", device)
-    images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
-                      sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
-                      batch_size=args.batch_size, vae=vae)
+        try:
+            vae = load_vae(args.vae or data["vae"] or "ema", device)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+    try:
+        images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
+                          sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
+                          batch_size=args.batch_size, vae=vae)
+    except ValueError as error:  # e.g. guidance asked of a model without a null label
+        raise SystemExit(f"error: {error}") from None
+    from torchvision.utils import save_image
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image(images, args.out, nrow=max(1, int(math.sqrt(len(images)))), normalize=True, value_range=(-1, 1))
     print(f"wrote {args.out} ({len(images)} images)")
