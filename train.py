@@ -244,7 +244,9 @@ def compute_losses(student, teacher, projections, block_map, diffusion, x0, y, t
     teacher_out = teacher_out.float()
     if "feature" in kd_terms:
         aligned = [teacher_features[i] for i in block_map]
-        terms["kd_feature"] = feature_loss(projections(student_features), aligned)
+        with autocast:  # the projections are matmuls too: bf16 under --precision bf16; the loss stays fp32
+            projected = projections(student_features)
+        terms["kd_feature"] = feature_loss(projected, aligned)
         total = total + args.kd_feature_weight * terms["kd_feature"]
     if "output" in kd_terms:
         terms["kd_output"] = output_loss(student_out, teacher_out, x0.shape[1])
