@@ -32,7 +32,7 @@ import tempfile
 import torch
 from diffusers import DiTTransformer2DModel
 
-from models import DiT, DiT_models, load_dit_checkpoint, model_config, save_checkpoint_atomic
+from models import DiT, DiT_models, load_dit_checkpoint, save_checkpoint_atomic
 
 DIT_NORM_EPS = 1e-6  # the original DiT's layer-norm epsilon
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # Transformer2DModel: the Hub's older name

@@ -97,8 +97,8 @@ def save_npz(path, images, labels):
     os.replace(temporary, path)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into a PNG grid (and an ADM .npz).")
+def add_checkpoint_args(parser):
+    """--ckpt and the flags a raw state_dict needs, shared by the scripts that load a model (sample, export)."""
     parser.add_argument("--ckpt", required=True, help="training checkpoint of this project, or an official raw "
                                                       "state_dict (then also --model and --image-size)")
     raw = parser.add_argument_group("raw state_dicts (official DiT checkpoints)")
@@ -106,6 +106,11 @@ def parse_args(argv=None):
     raw.add_argument("--image-size", type=int, default=None,
                      help="image size in pixels of a raw state_dict (256 or 512 for the official ones)")
     raw.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into a PNG grid (and an ADM .npz).")
+    add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
     sampling.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of steps")

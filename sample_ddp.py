@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from models import DiT_models, load_dit_checkpoint
-from sample import generate, save_npz
+from models import load_dit_checkpoint
+from sample import add_checkpoint_args, generate, save_npz
 from train import cleanup, derived_seed, setup_distributed
 
 
@@ -200,13 +200,7 @@ def sample(args, rank, world_size, device):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into an ADM-layout .npz for FID, under "
                                                  "torchrun or as one process; rerun the same command to resume.")
-    parser.add_argument("--ckpt", required=True, help="training checkpoint of this project, or an official raw "
-                                                      "state_dict (then also --model and --image-size)")
-    raw = parser.add_argument_group("raw state_dicts (official DiT checkpoints)")
-    raw.add_argument("--model", choices=list(DiT_models), default=None, help="architecture of a raw state_dict")
-    raw.add_argument("--image-size", type=int, default=None,
-                     help="image size in pixels of a raw state_dict (256 or 512 for the official ones)")
-    raw.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num-samples", type=int, default=50_000,
                           help="number of images; sample i has class label i %% num_classes")

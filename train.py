@@ -11,7 +11,6 @@ Rerunning the same command with the same --results-dir resumes from its newest v
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time

@@ -10,7 +10,7 @@ import torch
 
 import models
 from distill import teacher_block_indices
-from models import DiT, DiT_models, save_checkpoint_atomic
+from models import DiT, save_checkpoint_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--global-batch-size", "16", "--log-every", "2", "--lr", "1e-3", "--ema-decay", "0.9"]
@@ -64,7 +64,7 @@ def test_plain_training_checkpoint_layout(teacher_ckpt, tmp_path):
 
 def test_distillation_runs_three_stages_and_logs_each_term(teacher_ckpt, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    result = run_train(*distill_args(teacher_ckpt, tmp_path, "--ckpt-every", "6"))
+    run_train(*distill_args(teacher_ckpt, tmp_path, "--ckpt-every", "6"))
     log = open(tmp_path / "log.txt").read()
     for stage in ("stage warmup", "stage feature", "stage joint"):
         assert stage in log
