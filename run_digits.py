@@ -20,7 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER, STUDENT = "DiT-Digits-T", "DiT-Digits-S"
-TRAINING = ["--global-batch-size", "128", "--lr", "5e-4", "--ema-decay", "0.995", "--log-every", "100"]
+TRAINING = ["--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.995", "--log-every", "100"]
 
 
 def run(script, *arguments):
@@ -83,14 +83,14 @@ def score_all(args):
 
 
 def export_student(args, checkpoint):
-    """TorchScript fp32 and int8 of the distilled student, each verified in a fresh process by export.py."""
+    """TorchScript (libtorch, a Jetson's CPU) and ONNX (TensorRT), each fp32 + int8, verified by export.py."""
     exported = {}
-    for int8 in (False, True):
-        out = os.path.join(args.out, "export", f"student{'-int8' if int8 else ''}.ts")
-        if not os.path.exists(out):
-            run("export.py", "--ckpt", checkpoint, "--format", "torchscript", "--out", out,
-                *(["--int8"] if int8 else []))
-        exported["int8" if int8 else "fp32"] = out
+    for form, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
+        out = os.path.join(args.out, "export", "student" + extension)
+        int8 = out[: -len(extension)] + "_int8" + extension
+        if not (os.path.exists(out) and os.path.exists(int8)):
+            run("export.py", "--ckpt", checkpoint, "--format", form, "--int8", "--dynamic-batch", "--out", out)
+        exported[form], exported[form + " int8"] = out, int8
     return exported
 
 
@@ -165,11 +165,11 @@ def parse_args(argv=None):
                                                  "digits: train, sample, score, export, report.")
     parser.add_argument("--out", default="results/digits", help="output folder (rerunning reuses finished steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
-    parser.add_argument("--teacher-steps", type=int, default=3000, help="teacher training steps")
-    parser.add_argument("--warmup-steps", type=int, default=400, help="student warmup steps (diffusion loss only)")
-    parser.add_argument("--feature-steps", type=int, default=800, help="student steps adding feature distillation")
-    parser.add_argument("--joint-steps", type=int, default=1200, help="student steps adding output distillation")
-    parser.add_argument("--num-samples", type=int, default=1000, help="samples per model for the scores")
+    parser.add_argument("--teacher-steps", type=int, default=2000, help="teacher training steps")
+    parser.add_argument("--warmup-steps", type=int, default=300, help="student warmup steps (diffusion loss only)")
+    parser.add_argument("--feature-steps", type=int, default=600, help="student steps adding feature distillation")
+    parser.add_argument("--joint-steps", type=int, default=900, help="student steps adding output distillation")
+    parser.add_argument("--num-samples", type=int, default=500, help="samples per model for the scores")
     parser.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")

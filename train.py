@@ -225,7 +225,9 @@ def compute_losses(student, teacher, projections, block_map, diffusion, x0, y, t
 
     Returns (total (N,), {name: (N,)}). Teacher and student see the same x_t, t, labels and label drops.
     """
-    kd_terms = STAGE_TERMS[stage] if args.distillation else ()
+    # The stage's KD terms; a term weighted 0 is not computed (no teacher forward at all when none is left).
+    kd_terms = [term for term in STAGE_TERMS[stage] if getattr(args, f"kd_{term}_weight") > 0] \
+        if args.distillation else []
     need_features = "feature" in kd_terms
     x_t = diffusion.q_sample(x0, t, noise=noise)  # (N, C, H, W)
     with autocast:
