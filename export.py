@@ -1,0 +1,480 @@
+"""Export a DiT denoiser (TorchScript, ONNX, torch.export), optionally in int8, and check it in a fresh process.
+
+    python export.py --ckpt results/digits/checkpoints/0002000.pt --format onnx --int8 --dynamic-batch
+    python export.py --ckpt DiT-S-2.pt --model DiT-S/2 --image-size 256 --format torchscript --int8 --cfg-scale 4
+
+The exported function is the denoiser: x_t (N, C, H, W) float32, t (N,) float32 timesteps in [0, 1000), y (N,) int32
+labels -> the DiT output (N, C_out, H, W) (eps, then the variance channels of a learned-sigma model). With --cfg-scale
+the graph also runs the null-label batch and returns the guided output (classifier-free guidance folded in).
+Files written: OUT (fp32) and, with --int8, OUT_int8 beside it; ONNX --int8 also writes OUT_calib.npz, inputs along
+DDIM trajectories for TensorRT's int8 calibration. Each file carries the metadata run_exported.py needs (image size,
+channels, classes, learned sigma, folded guidance, pixel or latent): embedded (dit_export.json inside TorchScript and
+.pt2 archives, metadata_props["dit_export"] in ONNX) and as OUT.json beside it.
+  torchscript  torch.jit.trace; what libtorch loads, e.g. on a Jetson's CPU. int8: torch.ao dynamic quantization of
+               the Linear layers (int8 weights per tensor, activations quantized per call), CPU only.
+  onnx         torch.onnx.export(dynamo=True), opset 18; for onnxruntime, and for TensorRT on a Jetson's GPU. int8:
+               onnxruntime's quantize_dynamic on the MatMuls of the Linear layers (QInt8 weights, activations
+               quantized per call); TensorRT builds its own int8 engine from the fp32 file and OUT_calib.npz.
+  exported     torch.export's ExportedProgram saved with torch.export.save (.pt2); fp32 only (INT8_EXPORTED_UNSUPPORTED
+               below says why).
+Right after it is written, every file is loaded and run in a fresh Python process that can import nothing of the
+project (a copy of run_exported.py in an empty folder), compared with the eager fp32 model and timed on the CPU.
+"""
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from data import LATENT_SCALE
+from diffusion import create_diffusion
+from diffusion.gaussian_diffusion import get_named_beta_schedule
+from diffusion.respace import space_timesteps
+from models import DiT_models, load_dit_checkpoint
+from run_exported import METADATA_FILE, METADATA_KEY, quiet_torchscript_deprecation
+
+EXTENSIONS = {"torchscript": ".ts", "onnx": ".onnx", "exported": ".pt2"}
+# The dynamo exporter's lowest native opset. Asking it for 17 runs a version converter that (torch 2.14, onnx 1.23)
+# leaves opset-18 Split attributes in the graph, a model onnx.checker rejects.
+ONNX_OPSET = 18
+ONNX_PROTOBUF_LIMIT = 2 ** 31 - 1  # bigger ONNX files keep their weights in OUT.data beside them
+DIFFUSION_STEPS = 1000  # DiT's training schedule: linear betas over 1000 steps (create_diffusion's default)
+VERIFY_BATCH_SIZES = (1, 8)  # a dynamic-batch export is checked and timed at these (it is traced at batch 2)
+FP32_TOLERANCE = 1e-4  # relative error an fp32 export may have against the eager model
+INT8_TOLERANCE = 0.2  # an int8 export further than this from fp32 is broken, not merely quantized
+INT8_EXPORTED_UNSUPPORTED = (
+    "--int8 is not available with --format exported: torch.export cannot serialise torch.ao's dynamically "
+    "quantized Linear layers (their packed weights are TorchScript objects), and torch's replacement, torchao, needs "
+    "torchao installed wherever the .pt2 is loaded and torch.compile to be fast. Use --format torchscript --int8 "
+    "for the CPU, or --format onnx --int8 (onnxruntime, and TensorRT's int8 on a Jetson)")
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_exported.py")
+
+
+#################################################################################
+#                               What is exported                                #
+#################################################################################
+
+class Denoiser(nn.Module):
+    """(x, t, y) -> DiT output; with cfg_scale, classifier-free guidance (Ho & Salimans 2022, Eq. 6) folded in."""
+
+    def __init__(self, model, cfg_scale=None):
+        super().__init__()
+        self.model = model
+        self.cfg_scale = cfg_scale
+        self.null_label = model.config["num_classes"]
+        self.cfg_channels = min(3, model.in_channels)  # forward_with_cfg's default: DiT guides 3 of 4 latent channels
+
+    def forward(self, x, t, y):
+        if self.cfg_scale is None:
+            return self.model(x, t, y)  # (N, C_out, H, W)
+        # forward_with_cfg halves its batch with len(x), which a trace would freeze; this is its first half.
+        null = torch.full_like(y, self.null_label)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C_out, H, W)
+        cond, uncond = out.unflatten(0, (2, -1)).unbind(0)  # each (N, C_out, H, W)
+        g = self.cfg_channels
+        guided = uncond[:, :g] + self.cfg_scale * (cond[:, :g] - uncond[:, :g])
+        return torch.cat([guided, cond[:, g:]], dim=1)  # (N, C_out, H, W)
+
+
+def quantize_int8(model):
+    """A copy of model whose Linear layers run in int8 on the CPU (torch.ao dynamic quantization).
+
+    Weights are int8 (per tensor); activations are quantized per call from their observed range.
+    """
+    # t_embedder.mlp.0 stays fp32: TimestepEmbedder reads its .weight.dtype, which a quantized Linear no longer has.
+    names = {name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name != "t_embedder.mlp.0"}
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, whose int8 needs torch.compile and does not trace
+        # to TorchScript; quantize_dynamic is still the int8 path libtorch runs on a CPU, so we use it knowingly.
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=False)
+
+
+def export_metadata(model, data, args, precision):
+    """The plain-data description run_exported.py needs (and a person reading OUT.json)."""
+    config = model.config
+    betas = get_named_beta_schedule("linear", DIFFUSION_STEPS)
+    size, channels = config["input_size"], config["in_channels"]
+    return {
+        "format": args.format, "precision": precision,
+        "device": "any" if args.format == "onnx" else "cpu",  # a trace records the CPU for the tensors it creates
+        "input_size": size, "in_channels": channels, "out_channels": model.out_channels,
+        "learn_sigma": config["learn_sigma"], "num_classes": config["num_classes"],
+        "latent": data["latent"], "image_size": data["image_size"], "vae": data["vae"],
+        "latent_scale": LATENT_SCALE if data["latent"] else None,
+        "cfg_scale": args.cfg_scale, "batch_size": None if args.dynamic_batch else args.batch_size,
+        "inputs": {"x": f"float32 (N, {channels}, {size}, {size})", "t": "float32 (N,) timesteps in [0, 1000)",
+                   "y": f"int32 (N,) class labels in [0, {config['num_classes']})"},
+        "output": f"float32 (N, {model.out_channels}, {size}, {size}): eps"
+                  + (", then the learned variance" if config["learn_sigma"] else "")
+                  + (f", guided with scale {args.cfg_scale}" if args.cfg_scale is not None else ""),
+        "diffusion": {"schedule": "linear", "num_timesteps": len(betas), "beta_start": float(betas[0]),
+                      "beta_end": float(betas[-1])},
+        "model_config": config, "source": os.path.basename(args.ckpt), "torch": torch.__version__,
+    }
+
+
+#################################################################################
+#                                    Writers                                    #
+#################################################################################
+
+def batch_dims(dynamic):
+    """torch.export dynamic_shapes: one symbolic batch size shared by x, t and y (None: all static)."""
+    if not dynamic:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    return {"x": {0: batch}, "t": {0: batch}, "y": {0: batch}}
+
+
+def write_torchscript(denoiser, example, path, metadata, dynamic):
+    """torch.jit.trace; the trace keeps the batch size symbolic either way (metadata says what was asked for)."""
+    with quiet_torchscript_deprecation(), warnings.catch_warnings():
+        # The tracer flags models.py's reads of the spatial size and token count, fixed per model (PatchEmbed rejects
+        # other sizes); the batch size stays symbolic, which the fresh-process check at other batch sizes confirms.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="models")
+        traced = torch.jit.trace(denoiser, example)
+        torch.jit.save(traced, path, _extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def write_exported(denoiser, example, path, metadata, dynamic):
+    program = torch.export.export(denoiser, example, dynamic_shapes=batch_dims(dynamic))
+    torch.export.save(program, path, extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def write_onnx(denoiser, example, path, metadata, dynamic):
+    """torch.onnx.export with the dynamo exporter, the default and maintained one (the TorchScript-based exporter
+    is deprecated); its graph matches eager to ~1e-6 at every batch size for DiT. Weights over 2 GB go to OUT.data."""
+    with warnings.catch_warnings():
+        # x, t and y share one batch symbol; the exporter notes that it keeps a single name for it.
+        warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+        program = torch.onnx.export(denoiser, example, None, input_names=["x", "t", "y"], output_names=["out"],
+                                    opset_version=ONNX_OPSET, dynamo=True, dynamic_shapes=batch_dims(dynamic),
+                                    verbose=False)
+    for node in program.model.graph:  # drop the per-node debug records (stack traces with local paths, FX names)
+        node.metadata_props.clear()
+    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+    weight_bytes = sum(p.numel() * p.element_size() for p in denoiser.parameters())
+    program.save(path, external_data=weight_bytes > ONNX_PROTOBUF_LIMIT)
+
+
+WRITERS = {"torchscript": write_torchscript, "onnx": write_onnx, "exported": write_exported}
+
+
+def gemm_to_matmul(model):
+    """Rewrite Gemm nodes with constant weights as MatMul + Add, in place, on an onnx.ModelProto.
+
+    onnxruntime's dynamic quantization covers MatMul but not Gemm, which the exporter emits for the Linear layers on
+    (N, D) inputs: the timestep MLP and every adaLN modulation, a third of DiT's weights.
+    """
+    from onnx import helper, numpy_helper
+
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (attributes.get("alpha", 1.0), attributes.get("beta", 1.0), attributes.get("transA", 0)) == (1, 1, 0)
+        if node.op_type != "Gemm" or node.input[1] not in weights or not plain:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        weight = weight.T if attributes.get("transB", 0) else weight  # (in, out)
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), node.name + "_weight"))
+        product = node.output[0] + "_matmul"
+        nodes.append(helper.make_node("MatMul", [node.input[0], node.name + "_weight"], [product], node.name + "_mm"))
+        if len(node.input) > 2 and node.input[2]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], node.name + "_bias"))
+        else:
+            nodes.append(helper.make_node("Identity", [product], [node.output[0]], node.name + "_out"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [tensor for tensor in model.graph.initializer if tensor.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def quantize_onnx(fp32_path, int8_path, metadata):
+    """onnxruntime dynamic int8 of the MatMuls with constant weights (the Linear layers; attention stays fp32).
+
+    QInt8 weights, per tensor like torch's quantize_dynamic (per channel measured ~10% less error but 1.5x the batch-8
+    latency on DiT-S/2); activations are quantized per call by DynamicQuantizeLinear, which produces uint8 only, so
+    the products run as uint8 x int8 MatMulInteger.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = onnx.load(fp32_path)
+    gemm_to_matmul(model)
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))  # quantize_dynamic carries it over
+    external = os.path.exists(fp32_path + ".data")  # weights beside the file, as write_onnx chose for the fp32 one
+    with tempfile.TemporaryDirectory() as tmp:
+        staged, prepared = os.path.join(tmp, "matmul.onnx"), os.path.join(tmp, "prepared.onnx")
+        onnx.save(model, staged, save_as_external_data=external)
+        # The symbolic shape inference onnxruntime asks for before quantizing; no graph optimisation, which could
+        # fuse MatMul + Add back into Gemm.
+        quant_pre_process(staged, prepared, skip_optimization=True, save_as_external_data=external,
+                          all_tensors_to_one_file=True)
+        quantize_dynamic(prepared, int8_path, op_types_to_quantize=["MatMul"], per_channel=False,
+                         weight_type=QuantType.QInt8, use_external_data_format=external)
+
+
+#################################################################################
+#                     Calibration set for TensorRT's int8                       #
+#################################################################################
+
+@torch.no_grad()
+def calibration_set(denoiser, config, num_samples, num_steps, seed=0):
+    """The inputs the exported graph sees along DDIM trajectories from pure noise, in visiting order.
+
+    num_samples trajectories with labels spread evenly over the classes, every step of a num_steps DDIM run (the
+    project's sampler, eta = 0), driven by the fp32 denoiser itself (guidance included when folded). Returns
+    {"x": float32 (M, C, H, W), "t": float32 (M,), "y": int32 (M,)} with M = num_samples * num_steps.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = copy.deepcopy(denoiser).to(device) if device != "cpu" else denoiser
+    diffusion = create_diffusion(f"ddim{num_steps}", learn_sigma=config["learn_sigma"])
+    size, channels = config["input_size"], config["in_channels"]
+    noise = torch.randn(num_samples, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(num_samples) * config["num_classes"] // num_samples
+    seen = []
+
+    def recorded(x, t, y):  # t: the original timesteps of the respaced steps
+        seen.append((x.float().cpu(), t.float().cpu(), y.int().cpu()))
+        return model(x, t.float(), y.int())
+    diffusion.ddim_sample_loop(recorded, noise.shape, noise.to(device), clip_denoised=False,
+                               model_kwargs={"y": labels.to(device)}, device=device)
+    x, t, y = (torch.cat(column).numpy() for column in zip(*seen))
+    return {"x": x, "t": t, "y": y}
+
+
+#################################################################################
+#                     Verification in a fresh process, table                    #
+#################################################################################
+
+def verification_inputs(config, batch_sizes, seed=0):
+    """Fixed inputs {x_<B>, t_<B>, y_<B>} per batch size: unit Gaussian x, spread timesteps and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    size, channels, classes = config["input_size"], config["in_channels"], config["num_classes"]
+    inputs = {}
+    for batch in batch_sizes:
+        inputs[f"x_{batch}"] = torch.randn(batch, channels, size, size, generator=generator).numpy()
+        inputs[f"t_{batch}"] = torch.randint(0, DIFFUSION_STEPS, (batch,), generator=generator).float().numpy()
+        inputs[f"y_{batch}"] = torch.randint(0, classes, (batch,), generator=generator).int().numpy()
+    return inputs
+
+
+def file_size(path):
+    """Bytes on disk, counting an ONNX file's external weights (OUT.data)."""
+    return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+
+
+def run_in_fresh_process(paths, inputs, repeats=0, threads=None):
+    """Load and run files in a new Python that can import run_exported.py only (a copy, in an empty folder).
+
+    Returns (outputs, latencies): per file, {B: output} for every batch size B in inputs and {B: median CPU seconds}
+    (empty unless repeats > 0; the files are timed interleaved, in the same process, with threads CPU threads).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(RUNNER, tmp)
+        inputs_path = os.path.join(tmp, "inputs.npz")
+        np.savez(inputs_path, **inputs)
+        code = ("import json, sys, run_exported; repeats, threads, inputs, folder, *paths = sys.argv[1:]; "
+                "print(json.dumps(run_exported.run_files(paths, inputs, folder, int(repeats), int(threads))))")
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        command = [sys.executable, "-c", code, str(repeats), str(threads or 0), inputs_path, tmp]
+        command += [os.path.abspath(path) for path in paths]
+        process = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+        if process.returncode:
+            raise RuntimeError(f"{', '.join(paths)} did not load and run in a fresh process:\n"
+                               f"{process.stderr[-4000:]}")
+        report = json.loads(process.stdout.strip().splitlines()[-1])
+        outputs = []
+        for i in range(len(paths)):
+            with np.load(os.path.join(tmp, f"{i}.npz")) as saved:
+                outputs.append({int(key[4:]): saved[key] for key in saved.files})
+    if report["modules"]:
+        raise RuntimeError(f"running {', '.join(paths)} imported {report['modules']}, which they must not need")
+    return outputs, [{int(b): s for b, s in latency.items()} for latency in report["latency_s"]]
+
+
+def compare(outputs, reference):
+    """(max abs error, relative error ||a - b|| / ||b||) over all batch sizes, in float64."""
+    exported = np.concatenate([outputs[b].ravel() for b in sorted(reference)]).astype(np.float64)
+    eager = np.concatenate([reference[b].ravel() for b in sorted(reference)]).astype(np.float64)
+    return float(np.abs(exported - eager).max()), float(np.linalg.norm(exported - eager) / np.linalg.norm(eager))
+
+
+def verify(files, inputs, reference, repeats, threads=None):
+    """Check freshly written files: in one fresh process each must load, run, and match the eager fp32 model.
+
+    files: [(path, metadata)]. The same process times them (interleaved). Returns one result dict per file.
+    """
+    outputs, latencies = run_in_fresh_process([path for path, _ in files], inputs, repeats, threads)
+    results = []
+    for (path, metadata), output, latency in zip(files, outputs, latencies):
+        max_abs, relative = compare(output, reference)
+        precision = metadata["precision"]
+        tolerance = FP32_TOLERANCE if precision == "fp32" else INT8_TOLERANCE
+        if not relative <= tolerance:  # also catches NaN
+            raise RuntimeError(f"{path} differs from the eager fp32 model by a relative error of {relative:.3g} "
+                               f"(allowed {tolerance}); the export is broken"
+                               + ("" if precision == "fp32" else ", or this model does not survive int8: use fp32"))
+        print(f"{path} ({file_size(path) / 1e6:.2f} MB) loads and runs in a fresh process without the project's "
+              f"code; relative error against the eager fp32 model {relative:.2e}")
+        results.append({"path": path, "format": metadata["format"], "precision": precision,
+                        "size_bytes": file_size(path), "max_abs_error": max_abs, "relative_error": relative,
+                        "latency_s": latency})
+    return results
+
+
+def results_table(results):
+    """Markdown: one row per file; int8 rows give size and CPU latency relative to the fp32 file of their format."""
+    batches = sorted({b for r in results for b in r["latency_s"]})
+    header = ["file", "format", "precision", "size (MB)", "fp32 size / size", "max abs err", "rel err vs eager fp32"]
+    for b in batches:
+        header += [f"CPU ms, batch {b}", f"latency / fp32, batch {b}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        key = (r["model"], r["format"], "fp32")
+        base = next(f for f in results if (f["model"], f["format"], f["precision"]) == key)
+        row = [os.path.basename(r["path"]), r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.2f}",
+               f"{base['size_bytes'] / r['size_bytes']:.2f}x", f"{r['max_abs_error']:.2e}",
+               f"{r['relative_error']:.2e}"]
+        for b in batches:
+            if b in r["latency_s"]:
+                row += [f"{1e3 * r['latency_s'][b]:.1f}", f"{r['latency_s'][b] / base['latency_s'][b]:.2f}"]
+            else:
+                row += ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def output_paths(args):
+    """(fp32 file, int8 file, calibration .npz) from --out or the checkpoint's name."""
+    extension = EXTENSIONS[args.format]
+    out = args.out or os.path.splitext(args.ckpt)[0] + extension
+    stem = out[: -len(extension)]
+    return out, stem + "_int8" + extension, stem + "_calib.npz"
+
+
+@torch.no_grad()
+def main(args):
+    """Export, verify and time; returns the list of per-file results (also printed as a markdown table)."""
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    config = model.config
+    if args.cfg_scale is not None and config["class_dropout_prob"] <= 0:
+        raise ValueError("--cfg-scale needs the null label, but this model was trained without label dropout "
+                         "(class_dropout_prob 0); drop --cfg-scale")
+    fp32 = Denoiser(model, args.cfg_scale).eval()
+    fp32_path, int8_path, calib_path = output_paths(args)
+    os.makedirs(os.path.dirname(os.path.abspath(fp32_path)), exist_ok=True)
+
+    if args.dynamic_batch:  # traced at batch 2 (torch.export would fix a batch of 1), checked at other sizes
+        example_batch, batch_sizes = 2, VERIFY_BATCH_SIZES
+    else:
+        example_batch, batch_sizes = args.batch_size, (args.batch_size,)
+    example = verification_inputs(config, (example_batch,), seed=1)
+    example = tuple(torch.from_numpy(example[f"{k}_{example_batch}"]) for k in "xty")
+    inputs = verification_inputs(config, batch_sizes)
+    reference = {b: fp32(*(torch.from_numpy(inputs[f"{k}_{b}"]) for k in "xty")).numpy() for b in batch_sizes}
+
+    files = [(fp32_path, export_metadata(model, data, args, "fp32"))]
+    WRITERS[args.format](fp32, example, *files[0], args.dynamic_batch)
+    if args.int8:
+        files.append((int8_path, export_metadata(model, data, args, "int8")))
+        if args.format == "onnx":
+            quantize_onnx(fp32_path, *files[1])
+        else:
+            int8 = Denoiser(quantize_int8(model), args.cfg_scale).eval()
+            WRITERS[args.format](int8, example, *files[1], args.dynamic_batch)
+    for path, metadata in files:
+        with open(path + ".json", "w") as f:
+            json.dump(metadata, f, indent=2)
+    results = verify(files, inputs, reference, args.repeats, args.threads)
+    for result in results:
+        result["model"] = os.path.basename(args.ckpt)
+    if args.int8 and args.format == "onnx":
+        calibration = calibration_set(fp32, config, args.calib_samples, args.calib_steps)
+        np.savez(calib_path, **calibration)
+        print(f"wrote {calib_path}: {len(calibration['t'])} (x, t, y) inputs along {args.calib_samples} DDIM "
+              f"trajectories of {args.calib_steps} steps, for TensorRT's int8 calibration")
+    threads = f"{args.threads} thread(s)" if args.threads else "default threads"
+    print(f"\nCPU latency: median of {args.repeats} runs per batch size, files interleaved in one fresh process, "
+          f"{threads}")
+    print(results_table(results))
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("checkpoint")
+    source.add_argument("--ckpt", required=True, help="a training checkpoint (config read from it, EMA weights) or "
+                        "an official raw state_dict (then also --model and --image-size)")
+    source.add_argument("--model", choices=list(DiT_models), default=None,
+                        help="architecture of a raw state_dict (training checkpoints carry their own)")
+    source.add_argument("--image-size", type=int, default=None,
+                        help="image size in pixels of a raw state_dict (latents are image-size / 8)")
+    source.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    output = parser.add_argument_group("export")
+    output.add_argument("--format", choices=list(EXTENSIONS), default="onnx",
+                        help="torchscript (.ts), onnx (.onnx) or exported (torch.export, .pt2); default onnx")
+    output.add_argument("--int8", action="store_true", help="also write OUT_int8 with int8 Linear layers for the CPU "
+                        "(torchscript, onnx; ONNX also writes OUT_calib.npz for TensorRT); not with --format exported")
+    output.add_argument("--out", default=None,
+                        help="output file, ending in the format's extension (default: the checkpoint's path with it)")
+    batch = output.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported graph (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="export with a symbolic batch size instead")
+    output.add_argument("--cfg-scale", type=float, default=None, help="fold classifier-free guidance with this scale "
+                        "into the graph (it runs the conditional and the null-label batch); default: not folded")
+    calibration = parser.add_argument_group("TensorRT int8 calibration set (--format onnx --int8)")
+    calibration.add_argument("--calib-samples", type=int, default=None,
+                             help="DDIM trajectories in OUT_calib.npz, labels spread over the classes (default 20)")
+    calibration.add_argument("--calib-steps", type=int, default=None,
+                             help="DDIM steps per trajectory, each step one (x, t, y) row (default 25)")
+    check = parser.add_argument_group("check")
+    check.add_argument("--repeats", type=int, default=5,
+                       help="timed CPU runs per batch size in the fresh process; the median is reported")
+    check.add_argument("--threads", type=int, default=None, help="CPU threads for the timed runs (default: one per "
+                       "core; on a machine shared with other jobs, 1 avoids stalls of threads waiting on each other)")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt {args.ckpt} does not exist; pass a training checkpoint or a raw DiT state_dict")
+    if args.int8 and args.format == "exported":
+        parser.error(INT8_EXPORTED_UNSUPPORTED)
+    if args.out is not None and not args.out.endswith(EXTENSIONS[args.format]):
+        parser.error(f"--out {args.out} must end in {EXTENSIONS[args.format]} for --format {args.format}")
+    if args.batch_size < 1 or args.repeats < 1 or args.threads is not None and args.threads < 1:
+        parser.error("--batch-size, --repeats and --threads must be at least 1")
+    calibrating = args.int8 and args.format == "onnx"
+    if not calibrating and (args.calib_samples, args.calib_steps) != (None, None):
+        parser.error("--calib-samples and --calib-steps shape the calibration set of --format onnx --int8 only")
+    args.calib_samples = 20 if args.calib_samples is None else args.calib_samples
+    args.calib_steps = 25 if args.calib_steps is None else args.calib_steps
+    if args.calib_samples < 1 or args.calib_steps < 1:
+        parser.error("--calib-samples and --calib-steps must be at least 1")
+    try:
+        space_timesteps(DIFFUSION_STEPS, f"ddim{args.calib_steps}")
+    except ValueError as error:
+        parser.error(f"--calib-steps {args.calib_steps}: {error}; try 10, 25 or 50")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,287 @@
+"""Sample images from an exported DiT denoiser with only torch (.ts, .pt2) or only onnxruntime and numpy (.onnx).
+
+    python run_exported.py dit.onnx --num-steps 50 --class-labels 1 2 3 --seed 0 --out samples.npz --png grid.png
+
+Standalone on purpose: copy this file and a file written by export.py to the target (a Jetson, a server) and run it;
+it imports no project module. It reads the metadata export.py embeds in the file (image size, channels, classes,
+learned sigma, folded guidance, pixel or latent), builds DiT's linear beta schedule and runs deterministic DDIM
+(eta = 0) in numpy, as sample.py --sampler ddim does. Pixel-space models write an ADM-layout .npz: arr_0 uint8
+(N, H, W, C) images, arr_1 int64 labels. Latent models write the raw latents instead (arr_0 float32 (N, C, h, w),
+in the scaled latent space): decoding them needs the Stable Diffusion VAE, which this runner does not carry, e.g.
+diffusers' AutoencoderKL.decode(latents / latent_scale) on a machine that has it.
+TorchScript and ExportedProgram files run on the CPU (the trace records the CPU as the device of the tensors it
+creates); ONNX files run on onnxruntime's CUDA provider when it is installed, else on the CPU.
+"""
+import argparse
+import contextlib
+import json
+import os
+import struct
+import sys
+import time
+import warnings
+import zlib
+
+import numpy as np
+
+METADATA_KEY = "dit_export"  # ONNX metadata_props key holding the metadata as JSON
+METADATA_FILE = "dit_export.json"  # the same JSON as an extra file inside TorchScript and .pt2 archives
+FORMATS = {".ts": "torchscript", ".onnx": "onnx", ".pt2": "exported"}
+WARMUP_RUNS = 3  # untimed runs per file and batch size before timing (first-call allocations, caches)
+PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "distill", "evaluate")
+
+
+@contextlib.contextmanager
+def quiet_torchscript_deprecation():
+    """Silence only the FutureWarnings that torch.jit.trace / save / load raise in torch >= 2.10.
+
+    TorchScript is deprecated in favour of torch.export, but it is the format libtorch (e.g. on a Jetson's CPU) loads,
+    and its dynamic-int8 Linear layers have no torch.export equivalent; we use it knowingly.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(trace|save|load)", category=FutureWarning)
+        yield
+
+
+def model_format(path):
+    extension = os.path.splitext(path)[1]
+    if extension not in FORMATS:
+        raise ValueError(f"{path}: unknown extension {extension!r}; export.py writes .ts (TorchScript), .onnx or "
+                         f".pt2 (torch.export) files")
+    return FORMATS[extension]
+
+
+def load_denoiser(path, device="cpu", threads=None):
+    """(denoise, metadata) for an exported file; denoise(x float32, t float32, y int32) -> float32 numpy array.
+
+    device is used for ONNX files only ("cuda" tries onnxruntime's CUDA provider); the others run on the CPU.
+    threads: CPU threads of the runtime (None: its default, one per core).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; write it with export.py")
+    kind = model_format(path)
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default
+        session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+
+        def denoise(x, t, y):
+            return session.run(None, {"x": x, "t": t, "y": y})[0]
+    else:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        extra_files = {METADATA_FILE: ""}
+        if kind == "torchscript":
+            # Loading an int8 file also prints libtorch's C++ notice that quantized tensors are deprecated; it is
+            # raised outside Python's warnings machinery, so it cannot be filtered here and is left visible.
+            with quiet_torchscript_deprecation():
+                module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
+        else:
+            module = torch.export.load(path, extra_files=extra_files).module()
+        metadata = extra_files[METADATA_FILE]
+
+        def denoise(x, t, y):
+            # TorchScript's optimising executor recompiles at each new batch size (seconds for DiT-S/2, stalls that
+            # wreck latency); DiT's time is in its GEMMs, which the plain executor runs just as fast.
+            with torch.inference_mode(), torch.jit.optimized_execution(False):
+                return module(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+    if not metadata:
+        raise ValueError(f"{path} carries no DiT metadata ({METADATA_KEY}); export it with export.py")
+    return denoise, json.loads(metadata)
+
+
+#################################################################################
+#                                DDIM in numpy                                  #
+#################################################################################
+
+def alphas_cumprod(metadata):
+    """alpha_bar_t for t = 0 .. T - 1 of DDPM's linear beta schedule (float64), as DiT trains with."""
+    schedule = metadata["diffusion"]
+    if schedule["schedule"] != "linear":
+        raise ValueError(f"this runner knows DiT's linear beta schedule only, not {schedule['schedule']!r}")
+    betas = np.linspace(schedule["beta_start"], schedule["beta_end"], schedule["num_timesteps"], dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+
+def ddim_timesteps(num_timesteps, num_steps):
+    """The kept timesteps, ascending: DDIM's fixed integer stride giving exactly num_steps (respacing "ddimN")."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == num_steps:
+            return np.arange(0, num_timesteps, stride)
+    raise ValueError(f"no integer stride gives exactly {num_steps} of {num_timesteps} steps; try 25, 50, 100 or 250")
+
+
+def ddim_sample(denoise, noise, labels, metadata, num_steps):
+    """Deterministic DDIM (Song et al. 2021, Eq. 12 with sigma = 0) from noise (N, C, H, W) to x_0 (float32).
+
+    With a learned sigma the model outputs 2C channels; the first C are the noise prediction eps.
+    """
+    channels = metadata["in_channels"]
+    timesteps = ddim_timesteps(metadata["diffusion"]["num_timesteps"], num_steps)
+    alpha_bar = alphas_cumprod(metadata)[timesteps]  # (S,)
+    alpha_bar_prev = np.append(1.0, alpha_bar[:-1])  # of the next, less noisy kept step (1 after t = 0)
+    x = noise.astype(np.float64)
+    y = labels.astype(np.int32)
+    for i in reversed(range(len(timesteps))):
+        t = np.full(len(x), timesteps[i], dtype=np.float32)
+        eps = denoise(x.astype(np.float32), t, y)[:, :channels].astype(np.float64)  # (N, C, H, W)
+        x0 = np.sqrt(1.0 / alpha_bar[i]) * x - np.sqrt(1.0 / alpha_bar[i] - 1) * eps  # DDIM Eq. 12, predicted x_0
+        x = np.sqrt(alpha_bar_prev[i]) * x0 + np.sqrt(1 - alpha_bar_prev[i]) * eps  # the direction to x_t
+    return x.astype(np.float32)
+
+
+def batched(denoise, batch_size):
+    """A denoiser that feeds denoise chunks of exactly batch_size rows (padding the last), for fixed-batch files."""
+    def run(x, t, y):
+        outputs = []
+        for start in range(0, len(x), batch_size):
+            count = min(batch_size, len(x) - start)
+            rows = np.minimum(np.arange(start, start + batch_size), start + count - 1)  # repeat the last row
+            outputs.append(denoise(x[rows], t[rows], y[rows])[:count])
+        return np.concatenate(outputs)
+    return run
+
+
+def to_uint8_nhwc(images):
+    """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C) with sample.py's rounding (127.5 x + 128, truncated)."""
+    return np.clip(127.5 * images + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def write_png(path, images, min_side=64):
+    """A grid of uint8 (N, H, W, C) images as an 8-bit PNG, with zlib only; small images are enlarged (nearest)."""
+    n, h, w, c = images.shape
+    scale = max(1, -(-min_side // h))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, sH, sW, C)
+    columns = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // columns)
+    pad, side_h, side_w = 2, h * scale, w * scale
+    grid = np.zeros((rows * (side_h + pad) + pad, columns * (side_w + pad) + pad, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        top, left = pad + (i // columns) * (side_h + pad), pad + (i % columns) * (side_w + pad)
+        grid[top:top + side_h, left:left + side_w] = image
+    if c == 1:
+        grid = grid.repeat(3, axis=2)
+    raw = b"".join(b"\x00" + row.tobytes() for row in grid)  # filter type 0 on every scanline
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", grid.shape[1], grid.shape[0], 8, 2, 0, 0, 0)  # 8-bit RGB
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                + chunk(b"IEND", b""))
+
+
+def sample(denoise, metadata, labels, num_steps=50, seed=0, batch_size=None):
+    """DDIM samples float32 (N, C, H, W) for labels, from load_denoiser's pair; the noise is numpy's, from seed."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0 or labels.max() >= metadata["num_classes"]:
+        raise ValueError(f"class labels must be integers in [0, {metadata['num_classes']}), got {labels.tolist()}")
+    fixed = metadata["batch_size"]
+    if fixed is not None and batch_size not in (None, fixed):
+        raise ValueError(f"the model was exported for batch size {fixed} only; drop --batch-size")
+    denoise = batched(denoise, fixed or batch_size or len(labels))
+    size, channels = metadata["input_size"], metadata["in_channels"]
+    noise = np.random.default_rng(seed).standard_normal((len(labels), channels, size, size), dtype=np.float32)
+    return ddim_sample(denoise, noise, labels, metadata, num_steps)
+
+
+#################################################################################
+#           Checking and timing exported files (called by export.py)            #
+#################################################################################
+
+def run_files(paths, inputs_path, outputs_folder, repeats=0, threads=None):
+    """Run exported files on the batches in inputs_path (x_<B>, t_<B>, y_<B>); outputs go to outputs_folder/<i>.npz.
+
+    export.py calls this in a fresh Python process holding a copy of this file only, so nothing of the project is
+    importable. With repeats > 0 every batch is also timed on the CPU, the files interleaved run by run so that load
+    from other processes hits them alike. Returns {"latency_s": [{B: median seconds}, ...] per file, "modules": the
+    project modules (and, for ONNX, torch) this process imported, which must be none}. threads: see load_denoiser.
+    """
+    denoisers = [load_denoiser(path, "cpu", threads)[0] for path in paths]
+    inputs = np.load(inputs_path)
+    batches = sorted((key[2:] for key in inputs.files if key.startswith("x_")), key=int)
+    feeds = {b: (inputs[f"x_{b}"], inputs[f"t_{b}"], inputs[f"y_{b}"]) for b in batches}
+    for i, denoise in enumerate(denoisers):
+        np.savez(os.path.join(outputs_folder, f"{i}.npz"), **{f"out_{b}": denoise(*feeds[b]) for b in batches})
+    latency = [{} for _ in paths]
+    for b in batches if repeats else ():
+        for denoise in denoisers:
+            for _ in range(WARMUP_RUNS):
+                denoise(*feeds[b])
+        times = [[] for _ in paths]
+        for _ in range(repeats):
+            for i, denoise in enumerate(denoisers):
+                start = time.perf_counter()
+                denoise(*feeds[b])
+                times[i].append(time.perf_counter() - start)
+        for i in range(len(paths)):
+            latency[i][b] = float(np.median(times[i]))
+    unwanted = [name for name in PROJECT_MODULES if name in sys.modules]
+    if any(model_format(path) == "onnx" for path in paths) and "torch" in sys.modules:
+        unwanted.append("torch")
+    return {"latency_s": latency, "modules": unwanted}
+
+
+def main(args):
+    denoise, metadata = load_denoiser(args.model, "cpu" if args.cpu else "cuda", args.threads)
+    if metadata["latent"] and args.png:
+        raise ValueError("--png needs images, but this model denoises VAE latents; decode them first (see --help)")
+    labels = args.class_labels if args.class_labels is not None else range(min(10, metadata["num_classes"]))
+    labels = np.asarray(list(labels), dtype=np.int64)
+    start = time.perf_counter()
+    samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size)
+    seconds = time.perf_counter() - start
+    if metadata["latent"]:
+        np.savez(args.out, arr_0=samples, arr_1=labels)
+        vae = metadata["vae"] or "not recorded in the checkpoint; DiT used stabilityai/sd-vae-ft-ema"
+        print(f"wrote {len(samples)} latents {samples.shape[1:]} to {args.out} ({seconds:.1f} s). They are VAE "
+              f"latents, not images: decode them with the Stable Diffusion VAE ({vae}), e.g. diffusers "
+              f"AutoencoderKL.decode(arr_0 / {metadata['latent_scale']}).sample, on a machine that has it.")
+        return
+    images = to_uint8_nhwc(samples)
+    np.savez(args.out, arr_0=images, arr_1=labels)
+    print(f"wrote {len(images)} images {images.shape[1:]} to {args.out} ({seconds:.1f} s)")
+    if args.png:
+        write_png(args.png, images)
+        print(f"wrote {args.png}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a file written by export.py: .ts (TorchScript), .onnx or .pt2 (torch.export)")
+    parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps (an integer stride of 1000 must give "
+                        "exactly this many: 25, 50, 100, 250, ...)")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
+                        help="one sample per label (default: the first min(10, num_classes) classes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (numpy), so the same seed "
+                        "gives the same samples with every runtime")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples denoised together (default: all); "
+                        "a fixed-batch export always uses its own batch size")
+    parser.add_argument("--out", default="samples.npz", help="output .npz: arr_0 uint8 (N, H, W, C) images (or "
+                        "float32 latents for latent models), arr_1 labels")
+    parser.add_argument("--png", default=None, help="also write a PNG grid of the images (pixel-space models only)")
+    parser.add_argument("--cpu", action="store_true", help="keep ONNX files on onnxruntime's CPU provider even "
+                        "when its CUDA provider is installed")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch / onnxruntime (default: one "
+                        "per core)")
+    args = parser.parse_args(argv)
+    if not args.out.endswith(".npz"):
+        parser.error(f"--out {args.out} must end in .npz")
+    if args.num_steps < 1:
+        parser.error("--num-steps must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1 or args.threads is not None and args.threads < 1:
+        parser.error("--batch-size and --threads must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,225 @@
+"""export.py and run_exported.py on the tiny digits student (DiT-Digits-S, 8x8 pixels, 1 channel), CPU only.
+
+Every export is checked by export.py itself in a fresh process (it raises otherwise); these tests also check the
+numbers it reports, run the files again here, and run the standalone runner as a subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import export
+import run_exported
+from bench_export import random_weights
+from diffusion import create_diffusion
+from models import DiT_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = dict(input_size=8, in_channels=1, num_classes=10)
+INT8_RELATIVE_ERROR = 0.05  # random-weight digits student: about 0.01-0.02 in both runtimes
+
+
+def digits_student(seed=0, **overrides):
+    torch.manual_seed(seed)  # DiT's own initialisation draws from the global generator
+    return random_weights(DiT_models["DiT-Digits-S"](**(DIGITS | overrides)), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    """A training checkpoint (config, EMA weights, data description) of a random-weight digits student."""
+    path = tmp_path_factory.mktemp("ckpt") / "student.pt"
+    model = digits_student()
+    torch.save({"config": model.config, "ema": model.state_dict(),
+                "data": {"image_size": 8, "latent": False, "vae": None}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exports(digits_ckpt, tmp_path_factory):
+    """{format: export.main's results} for every format, dynamic batch, with --int8 where the format has it."""
+    folder = tmp_path_factory.mktemp("exports")
+    results = {}
+    for fmt, extension in export.EXTENSIONS.items():
+        argv = ["--ckpt", digits_ckpt, "--format", fmt, "--dynamic-batch", "--repeats", "1", "--threads", "1",
+                "--out", str(folder / f"student{extension}")]
+        argv += {"torchscript": ["--int8"], "onnx": ["--int8", "--calib-samples", "4", "--calib-steps", "5"],
+                 "exported": []}[fmt]
+        results[fmt] = export.main(export.parse_args(argv))
+    return results
+
+
+def eager(x, t, y, seed=0):
+    with torch.no_grad():
+        return digits_student(seed)(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+
+
+def relative_error(a, b):
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+@pytest.mark.parametrize("fmt", list(export.EXTENSIONS))
+def test_every_format_exports_verifies_and_matches_eager(exports, fmt):
+    fp32, *int8 = exports[fmt]
+    assert fp32["precision"] == "fp32" and fp32["relative_error"] < 1e-5 and fp32["max_abs_error"] < 1e-5
+    assert len(int8) == (0 if fmt == "exported" else 1)
+    for result in int8:
+        assert result["precision"] == "int8" and 1e-4 < result["relative_error"] < INT8_RELATIVE_ERROR
+    for result in exports[fmt]:
+        metadata = json.load(open(result["path"] + ".json"))
+        assert metadata["format"] == fmt and metadata["batch_size"] is None and not metadata["latent"]
+        assert set(result["latency_s"]) == {1, 8}  # traced at batch 2, checked and timed at 1 and 8
+        _, embedded = run_exported.load_denoiser(result["path"])
+        assert embedded == metadata
+
+
+@pytest.mark.parametrize("fmt", list(export.EXTENSIONS))
+def test_dynamic_batch_runs_at_other_batch_sizes(exports, fmt):
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((5, 1, 8, 8), dtype=np.float32)
+    t = np.array([0, 10, 250, 700, 999], dtype=np.float32)
+    y = np.array([0, 3, 5, 9, 1], dtype=np.int32)
+    reference = eager(x, t, y)
+    for result in exports[fmt]:
+        denoise, _ = run_exported.load_denoiser(result["path"])
+        out = denoise(x, t, y)
+        assert out.shape == (5, 2, 8, 8) and out.dtype == np.float32
+        assert relative_error(out, reference) < (1e-5 if result["precision"] == "fp32" else INT8_RELATIVE_ERROR)
+
+
+def test_int8_files_are_smaller(exports):
+    for fmt in ("torchscript", "onnx"):
+        fp32, int8 = exports[fmt]
+        assert os.path.getsize(int8["path"]) < os.path.getsize(fp32["path"]) / 2
+    fp32, int8 = exports["onnx"]  # Linear weights are 98% of the digits student: about 3.4x in ONNX
+    assert os.path.getsize(int8["path"]) < os.path.getsize(fp32["path"]) / 3
+
+
+def test_calibration_set_follows_ddim_trajectories(exports):
+    calibration = np.load(exports["onnx"][0]["path"].replace(".onnx", "_calib.npz"))
+    assert calibration["x"].shape == (20, 1, 8, 8) and calibration["x"].dtype == np.float32
+    assert calibration["t"].shape == (20,) and calibration["t"].dtype == np.float32
+    assert calibration["y"].shape == (20,) and calibration["y"].dtype == np.int32
+    # 4 trajectories x 5 DDIM steps (stride 200), visited from the noisiest step; labels spread over the classes.
+    np.testing.assert_array_equal(calibration["t"], np.repeat([800, 600, 400, 200, 0], 4))
+    np.testing.assert_array_equal(calibration["y"], np.tile([0, 2, 5, 7], 5))
+    assert 0.5 < calibration["x"][:4].std() < 1.5  # the first step sees pure Gaussian noise
+
+
+def test_cfg_folded_matches_forward_with_cfg(digits_ckpt, tmp_path):
+    model = digits_student()
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 1, 8, 8, generator=generator), torch.tensor([999.0, 400.0])
+    y = torch.tensor([3, 7], dtype=torch.int32)
+    null = torch.full_like(y, 10)
+    with torch.no_grad():
+        expected = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 4.0)[:2]
+        assert torch.allclose(export.Denoiser(model, 4.0)(x, t, y), expected, atol=1e-6)
+    path = str(tmp_path / "cfg.ts")
+    export.main(export.parse_args(["--ckpt", digits_ckpt, "--format", "torchscript", "--batch-size", "2",
+                                   "--cfg-scale", "4", "--out", path, "--repeats", "1"]))
+    denoise, metadata = run_exported.load_denoiser(path)
+    assert metadata["cfg_scale"] == 4.0 and metadata["batch_size"] == 2
+    np.testing.assert_allclose(denoise(x.numpy(), t.numpy(), y.numpy()), expected.numpy(), atol=1e-5)
+
+
+def run_runner(*argv):
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "run_exported.py"), *argv],
+                             capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    return process
+
+
+def test_runner_samples_end_to_end_with_torchscript_and_onnx(exports, tmp_path):
+    onnx_path, ts_path = exports["onnx"][0]["path"], exports["torchscript"][0]["path"]
+    common = ["--num-steps", "10", "--class-labels", "1", "2", "3", "--seed", "0"]
+    run_runner(onnx_path, *common, "--out", str(tmp_path / "a.npz"), "--png", str(tmp_path / "grid.png"))
+    run_runner(onnx_path, *common, "--out", str(tmp_path / "b.npz"))
+    run_runner(ts_path, *common, "--out", str(tmp_path / "c.npz"))
+    a, b, c = (np.load(tmp_path / name) for name in ("a.npz", "b.npz", "c.npz"))
+    assert a["arr_0"].shape == (3, 8, 8, 1) and a["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(a["arr_1"], [1, 2, 3])
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])  # same seed, same images
+    assert np.abs(a["arr_0"].astype(int) - c["arr_0"]).max() <= 1  # TorchScript and ONNX agree to rounding
+    assert open(tmp_path / "grid.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_ddim_matches_the_project_sampler(exports):
+    denoise, metadata = run_exported.load_denoiser(exports["torchscript"][0]["path"])
+    labels = np.array([0, 4, 9])
+    ours = run_exported.sample(denoise, metadata, labels, num_steps=25, seed=3)
+    noise = np.random.default_rng(3).standard_normal((3, 1, 8, 8), dtype=np.float32)
+    diffusion = create_diffusion("ddim25")
+    theirs = diffusion.ddim_sample_loop(digits_student(), noise.shape, torch.from_numpy(noise), clip_denoised=False,
+                                        model_kwargs={"y": torch.from_numpy(labels)}, eta=0.0).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_batch_file_is_fed_its_own_batch_size(exports, digits_ckpt, tmp_path):
+    path = str(tmp_path / "b3.onnx")
+    export.main(export.parse_args(["--ckpt", digits_ckpt, "--batch-size", "3", "--out", path, "--repeats", "1"]))
+    fixed, metadata = run_exported.load_denoiser(path)
+    assert metadata["batch_size"] == 3
+    labels = np.arange(7)  # chunks of 3, the last one padded
+    dynamic, dynamic_metadata = run_exported.load_denoiser(exports["onnx"][0]["path"])
+    np.testing.assert_allclose(run_exported.sample(fixed, metadata, labels, num_steps=10, seed=1),
+                               run_exported.sample(dynamic, dynamic_metadata, labels, num_steps=10, seed=1),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="batch size 3 only"):
+        run_exported.sample(fixed, metadata, labels, batch_size=4)
+
+
+def test_export_from_raw_state_dict_writes_latents(tmp_path):
+    raw = DiT_models["DiT-Digits-S"](input_size=8, num_classes=10)  # a latent model: 4 channels, 64 px images
+    torch.save(random_weights(raw).state_dict(), tmp_path / "raw.pt")
+    path = str(tmp_path / "raw.ts")
+    export.main(export.parse_args(["--ckpt", str(tmp_path / "raw.pt"), "--model", "DiT-Digits-S", "--image-size",
+                                   "64", "--num-classes", "10", "--format", "torchscript", "--out", path,
+                                   "--repeats", "1"]))
+    metadata = json.load(open(path + ".json"))
+    assert metadata["latent"] and metadata["image_size"] == 64 and metadata["latent_scale"] == 0.18215
+    run_exported.main(run_exported.parse_args([path, "--num-steps", "5", "--class-labels", "2", "--out",
+                                               str(tmp_path / "latents.npz")]))
+    latents = np.load(tmp_path / "latents.npz")
+    assert latents["arr_0"].shape == (1, 4, 8, 8) and latents["arr_0"].dtype == np.float32
+    with pytest.raises(ValueError, match="latents"):
+        run_exported.main(run_exported.parse_args([path, "--png", str(tmp_path / "x.png")]))
+
+
+def parse_error(parse_args, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_give_clear_errors(digits_ckpt, tmp_path, capsys):
+    assert "does not exist" in parse_error(export.parse_args, ["--ckpt", str(tmp_path / "missing.pt")], capsys)
+    assert "--int8 is not available with --format exported" in parse_error(
+        export.parse_args, ["--ckpt", digits_ckpt, "--format", "exported", "--int8"], capsys)
+    assert "unrecognized arguments: --fp16" in parse_error(export.parse_args, ["--ckpt", digits_ckpt, "--fp16"], capsys)
+    assert "must end in .ts" in parse_error(
+        export.parse_args, ["--ckpt", digits_ckpt, "--format", "torchscript", "--out", "x.onnx"], capsys)
+    assert "onnx --int8 only" in parse_error(export.parse_args, ["--ckpt", digits_ckpt, "--calib-steps", "10"], capsys)
+    assert "not allowed with argument" in parse_error(
+        export.parse_args, ["--ckpt", digits_ckpt, "--batch-size", "2", "--dynamic-batch"], capsys)
+    assert "--calib-steps 300" in parse_error(
+        export.parse_args, ["--ckpt", digits_ckpt, "--int8", "--calib-steps", "300"], capsys)
+    raw = tmp_path / "raw.pt"
+    torch.save(digits_student().state_dict(), raw)
+    with pytest.raises(ValueError, match="pass --model and --image-size"):
+        export.main(export.parse_args(["--ckpt", str(raw)]))
+    no_dropout = digits_student(class_dropout_prob=0.0)
+    torch.save({"config": no_dropout.config, "ema": no_dropout.state_dict()}, tmp_path / "no_null.pt")
+    with pytest.raises(ValueError, match="drop --cfg-scale"):
+        export.main(export.parse_args(["--ckpt", str(tmp_path / "no_null.pt"), "--cfg-scale", "2"]))
+    with pytest.raises(FileNotFoundError, match="export.py"):
+        run_exported.load_denoiser(str(tmp_path / "missing.onnx"))
+    with pytest.raises(ValueError, match="unknown extension"):
+        run_exported.load_denoiser(str(raw))
+    process = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--ckpt", str(tmp_path / "none.pt")],
+                             capture_output=True, text=True)
+    assert process.returncode == 2 and "--ckpt" in process.stderr and "does not exist" in process.stderr
