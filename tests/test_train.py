@@ -208,3 +208,45 @@ def test_distillation_flag_conflicts(teacher_ckpt, tmp_path):
     arguments[arguments.index("--student-model") + 1] = "DiT-Digits-T"
     result = run_train(*arguments, "--student-init-from-teacher", check=False)
     assert result.returncode == 2 and "teacher's width" in result.stderr
+
+
+def write_image_folder(root, images_per_class=10, size=40):
+    from PIL import Image
+    generator = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog"):
+        os.makedirs(root / label)
+        for i in range(images_per_class):
+            pixels = torch.randint(0, 256, (size, size + 8, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A randomly initialised AutoencoderKL that downsamples by 8 like the Stable Diffusion VAE."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+def test_latent_training_from_image_folder_and_from_extracted_latents(tmp_path, tiny_vae):
+    write_image_folder(tmp_path / "images")
+    common = ["--model", "DiT-Digits-S", "--max-steps", "2", "--ckpt-every", "2", "--global-batch-size", "8",
+              "--image-size", "32", "--num-workers", "0"]
+    run_train(*common, "--data-path", str(tmp_path / "images"), "--vae", tiny_vae, "--sample-every", "2",
+              "--results-dir", str(tmp_path / "folder"))
+    checkpoint = load(tmp_path / "folder" / "checkpoints" / "0000002.pt")
+    assert checkpoint["config"]["in_channels"] == 4 and checkpoint["config"]["input_size"] == 4
+    assert checkpoint["config"]["num_classes"] == 2 and checkpoint["data"]["latent"] is True
+    assert (tmp_path / "folder" / "samples" / "0000002.png").exists()  # decoded through the VAE
+
+    subprocess.run([sys.executable, os.path.join(ROOT, "extract_latents.py"), "--data-path", str(tmp_path / "images"),
+                    "--image-size", "32", "--vae", tiny_vae, "--out", str(tmp_path / "latents"), "--batch-size", "8",
+                    "--num-workers", "0"], check=True, capture_output=True, cwd=ROOT)
+    run_train(*[a for a in common if a not in ("--image-size", "32")], "--latents-path", str(tmp_path / "latents"),
+              "--results-dir", str(tmp_path / "latent"))
+    assert load(tmp_path / "latent" / "checkpoints" / "0000002.pt")["config"]["input_size"] == 4
