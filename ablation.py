@@ -34,7 +34,7 @@ def stage_flags(name, total_steps):
 
 
 def score_variant(args, name, seed):
-    """Distill, sample and score one (variant, seed); cached as JSON beside the run."""
+    """Distill, sample and score one (variant, seed); the scores are cached beside the run for that --num-samples."""
     from evaluate import digits_scores
     from models import load_dit_checkpoint
     from sample import generate, to_uint8_nhwc
@@ -43,10 +43,13 @@ def score_variant(args, name, seed):
     scores_path = os.path.join(results_dir, "scores.json")
     if os.path.exists(scores_path):
         with open(scores_path) as f:
-            return json.load(f)
-    run("train.py", "--distillation", "--teacher-model", TEACHER, "--teacher-ckpt", args.teacher_ckpt,
-        "--student-model", STUDENT, *stage_flags(name, args.steps), *VARIANTS[name], "--seed", seed,
-        "--ckpt-every", args.steps, "--results-dir", results_dir, *TRAINING)
+            scores = json.load(f)
+        if scores["n"] == args.num_samples:
+            return scores
+    if not os.path.exists(final_checkpoint(results_dir, args.steps)):
+        run("train.py", "--distillation", "--teacher-model", TEACHER, "--teacher-ckpt", args.teacher_ckpt,
+            "--student-model", STUDENT, *stage_flags(name, args.steps), *VARIANTS[name], "--seed", seed,
+            "--ckpt-every", args.steps, "--results-dir", results_dir, *TRAINING)
     model, data = load_dit_checkpoint(final_checkpoint(results_dir, args.steps))
     labels = [i % 10 for i in range(args.num_samples)]
     images = generate(model, data, labels, seed=seed, num_sampling_steps=args.sampling_steps, sampler="ddim",
@@ -63,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="results/ablation", help="output folder (finished runs are reused)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every variant")
     parser.add_argument("--steps", type=int, default=1800, help="student training steps of every variant")
-    parser.add_argument("--num-samples", type=int, default=500, help="samples scored per run")
+    parser.add_argument("--num-samples", type=int, default=2000, help="samples scored per run")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),

@@ -5,8 +5,9 @@
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
 --distillation), 3. trains the same student from scratch for the same number of steps, 4. samples all three with the
 same classes and noise (teacher.npz, student.npz, scratch.npz), 5. scores them (evaluate.py), 6. exports the student
-(export.py), 7. writes report.md, a side-by-side grid and the loss curves into --out. Every step is reused when its
-output already exists, so rerunning after a stop continues where it stopped.
+(export.py, fp32 and int8) and scores samples made through every exported file (run_exported.py), 7. writes
+report.md, a side-by-side grid and the loss curves into --out. Every step is reused when its output already exists, so
+rerunning after a stop continues where it stopped.
 """
 import argparse
 import json
@@ -90,13 +91,31 @@ def score_all(args):
 def export_student(args, checkpoint):
     """TorchScript (libtorch, a Jetson's CPU) and ONNX (TensorRT), each fp32 + int8, verified by export.py."""
     exported = {}
+    guidance = ["--cfg-scale", args.cfg_scale] if args.cfg_scale != 1 else []
     for form, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
         out = os.path.join(args.out, "export", "student" + extension)
         int8 = out[: -len(extension)] + "_int8" + extension
         if not (os.path.exists(out) and os.path.exists(int8)):
-            run("export.py", "--ckpt", checkpoint, "--format", form, "--int8", "--dynamic-batch", "--out", out)
+            run("export.py", "--ckpt", checkpoint, "--format", form, "--int8", "--dynamic-batch", *guidance,
+                "--out", out)
         exported[form], exported[form + " int8"] = out, int8
     return exported
+
+
+def score_exports(args, exported):
+    """Sample every exported file with the standalone runner (the same labels and noise for all) and score it."""
+    from evaluate import digits_scores
+    scores = {}
+    for name, path in exported.items():
+        npz = path + ".samples.npz"
+        if not os.path.exists(npz):
+            run("run_exported.py", path, "--num-steps", args.steps, "--seed", args.seed, "--out", npz,
+                "--num-samples", args.num_samples)
+        with np.load(npz) as samples:
+            scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
+                                         cache_dir=os.path.join(args.out, "digits_scorer"))
+        scores[name]["megabytes"] = os.path.getsize(path) / 2**20
+    return scores
 
 
 def save_comparison_grid(args):
@@ -135,7 +154,7 @@ def save_loss_curves(args):
     return path
 
 
-def write_report(args, checkpoints, timings, scores, exported):
+def write_report(args, checkpoints, timings, scores, exported, export_scores):
     from bench import flops_per_forward
     from models import load_dit_checkpoint
     lines = ["# Digits: teacher, distilled student, student from scratch", "",
@@ -156,12 +175,19 @@ def write_report(args, checkpoints, timings, scores, exported):
     lines += ["", "![teacher / distilled student / scratch student](comparison.png)", "",
               "Rows: teacher, distilled student, scratch student; columns: classes 0-9.", "",
               "![loss curves](loss_curves.png)", "",
-              f"Exported student: {', '.join(os.path.relpath(p, args.out) for p in exported.values())}."]
+              "Exported student, sampled with the standalone runner (run_exported.py: DDIM "
+              f"{args.steps} steps, the same {args.num_samples} labels and numpy noise for every file, so int8 is "
+              "compared with fp32 on equal terms; its noise differs from sample.py's, so compare within this table):",
+              "", "| file | MB | class accuracy | Frechet distance |", "|---|---:|---:|---:|"]
+    for name, path in exported.items():
+        lines.append(f"| {os.path.relpath(path, args.out)} | {export_scores[name]['megabytes']:.2f} | "
+                     f"{export_scores[name]['accuracy']:.3f} | {export_scores[name]['frechet']:.2f} |")
     path = os.path.join(args.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "scores.json"), "w") as f:
-        json.dump({"scores": scores, "sampling_seconds_per_image": timings}, f, indent=2)
+        json.dump({"scores": scores, "sampling_seconds_per_image": timings, "exports": export_scores}, f,
+                  indent=2)
     return path
 
 
@@ -190,9 +216,10 @@ def main(args):
     timings = sample_all(args, checkpoints)
     scores = score_all(args)
     exported = export_student(args, checkpoints["student"])
+    export_scores = score_exports(args, exported)
     save_comparison_grid(args)
     save_loss_curves(args)
-    report = write_report(args, checkpoints, timings, scores, exported)
+    report = write_report(args, checkpoints, timings, scores, exported, export_scores)
     print(open(report).read())
 
 

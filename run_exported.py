@@ -235,7 +235,12 @@ def main(args):
     denoise, metadata = load_denoiser(args.model, "cpu" if args.cpu else "cuda", args.threads)
     if metadata["latent"] and args.png:
         raise ValueError("--png needs images, but this model denoises VAE latents; decode them first (see --help)")
-    labels = args.class_labels if args.class_labels is not None else range(min(10, metadata["num_classes"]))
+    if args.class_labels is not None:
+        labels = args.class_labels
+    elif args.num_samples is not None:
+        labels = [i % metadata["num_classes"] for i in range(args.num_samples)]
+    else:
+        labels = range(min(10, metadata["num_classes"]))
     labels = np.asarray(list(labels), dtype=np.int64)
     start = time.perf_counter()
     samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size)
@@ -260,8 +265,11 @@ def parse_args(argv=None):
     parser.add_argument("model", help="a file written by export.py: .ts (TorchScript), .onnx or .pt2 (torch.export)")
     parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps (an integer stride of 1000 must give "
                         "exactly this many: 25, 50, 100, 250, ...)")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=None,
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="one sample per label (default: the first min(10, num_classes) classes)")
+    labels.add_argument("--num-samples", type=int, default=None,
+                        help="this many samples, their labels cycling through the classes 0, 1, 2, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (numpy), so the same seed "
                         "gives the same samples with every runtime")
     parser.add_argument("--batch-size", type=int, default=None, help="samples denoised together (default: all); "
@@ -276,8 +284,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.error(f"--out {args.out} must end in .npz")
-    if args.num_steps < 1:
-        parser.error("--num-steps must be at least 1")
+    if args.num_steps < 1 or args.num_samples is not None and args.num_samples < 1:
+        parser.error("--num-steps and --num-samples must be at least 1")
     if args.batch_size is not None and args.batch_size < 1 or args.threads is not None and args.threads < 1:
         parser.error("--batch-size and --threads must be at least 1")
     return args

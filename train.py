@@ -291,6 +291,8 @@ def main(args):
     rank, world_size, device = setup_distributed()
     try:
         train(args, rank, world_size, device)
+        if world_size > 1:  # finish together: a rank exiting while rank 0 still writes has aborted in gloo's teardown
+            dist.barrier()
     finally:
         cleanup()
 

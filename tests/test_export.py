@@ -147,6 +147,12 @@ def test_runner_samples_end_to_end_with_torchscript_and_onnx(exports, tmp_path):
     assert open(tmp_path / "grid.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runner_num_samples_cycles_through_the_classes(exports, tmp_path):
+    out = str(tmp_path / "n.npz")
+    run_runner(exports["torchscript"][0]["path"], "--num-steps", "2", "--num-samples", "12", "--out", out)
+    np.testing.assert_array_equal(np.load(out)["arr_1"], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+
+
 def test_runner_ddim_matches_the_project_sampler(exports):
     denoise, metadata = run_exported.load_denoiser(exports["torchscript"][0]["path"])
     labels = np.array([0, 4, 9])

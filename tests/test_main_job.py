@@ -31,8 +31,14 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     report = (out / "report.md").read_text()
     for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)"):
         assert row in report
-    scores = json.loads((out / "scores.json").read_text())["scores"]
-    assert set(scores) == {"teacher", "student", "scratch", "real"}
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["scores"]) == {"teacher", "student", "scratch", "real"}
+    # Samples made through every exported file, fp32 and int8, scored side by side.
+    assert set(scores["exports"]) == {"torchscript", "torchscript int8", "onnx", "onnx int8"}
+    for name in ("student.ts", "student_int8.ts", "student.onnx", "student_int8.onnx"):
+        assert f"| export/{name} |" in report
+        with np.load(out / "export" / f"{name}.samples.npz") as samples:
+            assert samples["arr_0"].shape == (20, 8, 8, 1)
 
     npz_mtime = (out / "student.npz").stat().st_mtime
     result = run("run_digits.py", "--out", str(out), *TINY)  # a rerun trains and samples nothing again
