@@ -123,7 +123,9 @@ def ddim_timesteps(num_timesteps, num_steps):
 def ddim_sample(denoise, noise, labels, metadata, num_steps):
     """Deterministic DDIM (Song et al. 2021, Eq. 12 with sigma = 0) from noise (N, C, H, W) to x_0 (float32).
 
-    With a learned sigma the model outputs 2C channels; the first C are the noise prediction eps.
+    With a learned sigma the model outputs 2C channels; the first C are the noise prediction eps. For pixel-space
+    models each step's x_0 estimate is clamped to [-1, 1] and eps re-derived from it, as sample.py does (DiT's
+    clip_denoised); latents are not clamped.
     """
     channels = metadata["in_channels"]
     timesteps = ddim_timesteps(metadata["diffusion"]["num_timesteps"], num_steps)
@@ -135,6 +137,9 @@ def ddim_sample(denoise, noise, labels, metadata, num_steps):
         t = np.full(len(x), timesteps[i], dtype=np.float32)
         eps = denoise(x.astype(np.float32), t, y)[:, :channels].astype(np.float64)  # (N, C, H, W)
         x0 = np.sqrt(1.0 / alpha_bar[i]) * x - np.sqrt(1.0 / alpha_bar[i] - 1) * eps  # DDIM Eq. 12, predicted x_0
+        if not metadata["latent"]:
+            x0 = np.clip(x0, -1.0, 1.0)
+            eps = (np.sqrt(1.0 / alpha_bar[i]) * x - x0) / np.sqrt(1.0 / alpha_bar[i] - 1)
         x = np.sqrt(alpha_bar_prev[i]) * x0 + np.sqrt(1 - alpha_bar_prev[i]) * eps  # the direction to x_t
     return x.astype(np.float32)
 
