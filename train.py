@@ -291,10 +291,17 @@ def main(args):
     rank, world_size, device = setup_distributed()
     try:
         train(args, rank, world_size, device)
-        if world_size > 1:  # finish together: a rank exiting while rank 0 still writes has aborted in gloo's teardown
-            dist.barrier()
     finally:
         cleanup()
+    if world_size > 1:
+        # Constructing DDP leaves a reference to the process group that destroy_process_group cannot drop (torch
+        # 2.14), so gloo's threads outlive it and meet the interpreter's teardown, which has aborted finished runs
+        # (SIGABRT, "terminate called without an active exception"). Everything is written and closed by now: flush
+        # and leave without that teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def train(args, rank, world_size, device):
