@@ -10,8 +10,9 @@ Files written: OUT (fp32) and, with --int8, OUT_int8 beside it; ONNX --int8 also
 DDIM trajectories for TensorRT's int8 calibration. Each file carries the metadata run_exported.py needs (image size,
 channels, classes, learned sigma, folded guidance, pixel or latent): embedded (dit_export.json inside TorchScript and
 .pt2 archives, metadata_props["dit_export"] in ONNX) and as OUT.json beside it.
-  torchscript  torch.jit.trace; what libtorch loads, e.g. on a Jetson's CPU. int8: torch.ao dynamic quantization of
-               the Linear layers (int8 weights per tensor, activations quantized per call), CPU only.
+  torchscript  torch.jit.trace, then torch.jit.freeze; what libtorch loads, e.g. on a Jetson's CPU. int8: torch.ao
+               dynamic quantization of the Linear layers (int8 weights per tensor, activations quantized per call),
+               CPU only.
   onnx         torch.onnx.export(dynamo=True), opset 18; for onnxruntime, and for TensorRT on a Jetson's GPU. int8:
                onnxruntime's quantize_dynamic on the MatMuls of the Linear layers (QInt8 weights, activations
                quantized per call); TensorRT builds its own int8 engine from the fp32 file and OUT_calib.npz.
@@ -89,9 +90,7 @@ def quantize_int8(model):
 
     Weights are int8 (per tensor); activations are quantized per call from their observed range.
     """
-    # t_embedder.mlp.0 stays fp32: TimestepEmbedder reads its .weight.dtype, which a quantized Linear no longer has.
-    names = {name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name != "t_embedder.mlp.0"}
+    names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, whose int8 needs torch.compile and does not trace
         # to TorchScript; quantize_dynamic is still the int8 path libtorch runs on a CPU, so we use it knowingly.
@@ -137,12 +136,15 @@ def batch_dims(dynamic):
 
 
 def write_torchscript(denoiser, example, path, metadata, dynamic):
-    """torch.jit.trace; the trace keeps the batch size symbolic either way (metadata says what was asked for)."""
+    """torch.jit.trace, then torch.jit.freeze; the trace keeps the batch size symbolic either way (metadata says what
+    was asked for). Freezing inlines the submodules into one graph with the weights as constants: the same numbers,
+    and a file without the per-module code (about 240 KB for a small DiT, which would otherwise dwarf its int8
+    weights)."""
     with quiet_torchscript_deprecation(), warnings.catch_warnings():
         # The tracer flags models.py's reads of the spatial size and token count, fixed per model (PatchEmbed rejects
         # other sizes); the batch size stays symbolic, which the fresh-process check at other batch sizes confirms.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="models")
-        traced = torch.jit.trace(denoiser, example)
+        traced = torch.jit.freeze(torch.jit.trace(denoiser.eval(), example))
         torch.jit.save(traced, path, _extra_files={METADATA_FILE: json.dumps(metadata)})
 
 

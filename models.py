@@ -49,7 +49,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+        weight = self.mlp[0].weight  # a method, not a tensor, once export.py quantizes the layer to int8
+        return self.mlp(t_freq.to(weight.dtype) if isinstance(weight, torch.Tensor) else t_freq)  # (N, D)
 
 
 class LabelEmbedder(nn.Module):

@@ -33,13 +33,13 @@ PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "
 
 @contextlib.contextmanager
 def quiet_torchscript_deprecation():
-    """Silence only the FutureWarnings that torch.jit.trace / save / load raise in torch >= 2.10.
+    """Silence only the FutureWarnings that torch.jit.trace / freeze / save / load raise in torch >= 2.10.
 
     TorchScript is deprecated in favour of torch.export, but it is the format libtorch (e.g. on a Jetson's CPU) loads,
     and its dynamic-int8 Linear layers have no torch.export equivalent; we use it knowingly.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(trace|save|load)", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.(trace|freeze|save|load)", category=FutureWarning)
         yield
 
 
