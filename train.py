@@ -434,8 +434,9 @@ def train(args, rank, world_size, device):
                     writer.add_scalar("train/stage", STAGES.index(stage), done)
                 writer.add_scalar("train/lr", opt.param_groups[0]["lr"], done)
                 writer.add_scalar("train/images_per_second", images_per_second, done)
-                progress.set_postfix(loss=f"{values['total']:.4f}", stage=stage)
-                logger.info(f"step {done:07d} [{stage}] " + " ".join(f"{n}={v:.4f}" for n, v in values.items())
+                label = stage if args.distillation else "plain"  # plain training runs the warmup stage's loss
+                progress.set_postfix(loss=f"{values['total']:.4f}", stage=label)
+                logger.info(f"step {done:07d} [{label}] " + " ".join(f"{n}={v:.4f}" for n, v in values.items())
                             + f" images/s={images_per_second:.1f}")
             sums, interval_steps, interval_start = {}, 0, time.time()
 
