@@ -136,10 +136,11 @@ def ddim_sample(denoise, noise, labels, metadata, num_steps):
     for i in reversed(range(len(timesteps))):
         t = np.full(len(x), timesteps[i], dtype=np.float32)
         eps = denoise(x.astype(np.float32), t, y)[:, :channels].astype(np.float64)  # (N, C, H, W)
-        x0 = np.sqrt(1.0 / alpha_bar[i]) * x - np.sqrt(1.0 / alpha_bar[i] - 1) * eps  # DDIM Eq. 12, predicted x_0
+        recip, recip_minus_one = np.sqrt(1.0 / alpha_bar[i]), np.sqrt(1.0 / alpha_bar[i] - 1)
+        x0 = recip * x - recip_minus_one * eps  # DDIM Eq. 12, predicted x_0
         if not metadata["latent"]:
             x0 = np.clip(x0, -1.0, 1.0)
-            eps = (np.sqrt(1.0 / alpha_bar[i]) * x - x0) / np.sqrt(1.0 / alpha_bar[i] - 1)
+            eps = (recip * x - x0) / recip_minus_one
         x = np.sqrt(alpha_bar_prev[i]) * x0 + np.sqrt(1 - alpha_bar_prev[i]) * eps  # the direction to x_t
     return x.astype(np.float32)
 
