@@ -5,7 +5,7 @@
     python bench.py --preset gpu-full --out results/bench   # DiT-XL/2 vs DiT-S/2 at 256 px, bf16 (the GPU default)
 
 Everything runs through the project's own code: sample.sample_batch for sampling; train.load_teacher,
-train.build_student, train.compute_losses, fused AdamW and train.update_ema for training (stage 'warmup' is plain
+train.build_student, train.compute_losses, fused AdamW and train.update_ema for training (stage None is plain
 training, stage 'joint' distillation with the teacher's features); data.encode_images, data.LatentsDataset and
 train.rank_batches for the input pipeline. Weights are random (DiT's initialisation); speed does not depend on them.
 
@@ -416,7 +416,7 @@ def training_rows(option, setup, args, data, device, peak):
         opt.step()
         train.update_ema(setup.ema, student, targs.ema_decay)
 
-    functions = {"teacher forward": teacher_forward, "student step": partial(training_step, "warmup"),
+    functions = {"teacher forward": teacher_forward, "student step": partial(training_step, None),
                  "distill step": partial(training_step, "joint")}
     timings = time_side_by_side(functions, device, args.warmup, args.repeats)
     student_flops = 3 * flops_per_forward(student.config) * batch  # forward + backward (twice the forward)

@@ -14,8 +14,12 @@ from diffusion.gaussian_diffusion import mean_flat
 from diffusion.diffusion_utils import normal_kl
 
 STAGES = ("warmup", "feature", "joint")
-# The loss terms each stage adds to the student's diffusion loss (stages are cumulative).
-STAGE_TERMS = {"warmup": (), "feature": ("feature",), "joint": ("feature", "output", "kl")}
+# The KD terms on top of the student's diffusion loss in each stage (cumulative). Warmup imitates the teacher's noise
+# alone, the direct signal that needs no alignment layer; the feature stage adds the per-block features through the
+# projections once the student's outputs track the teacher's; the joint stage adds the tempered output distribution.
+# (A teacher-free warmup, tried first, spent a sixth of a short run without the teacher and lost to every
+# KD-from-the-first-step variant in ablation.py.)
+STAGE_TERMS = {"warmup": ("output",), "feature": ("output", "feature"), "joint": ("output", "feature", "kl")}
 
 
 def stage_at(step, warmup_steps, feature_steps, joint_steps):

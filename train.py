@@ -223,11 +223,11 @@ def check_resumable(saved_args, args):
 def compute_losses(student, teacher, projections, block_map, diffusion, x0, y, t, noise, drop, stage, args, autocast):
     """Per-example loss terms of one step: the student's diffusion loss and the KD terms its stage adds.
 
-    Returns (total (N,), {name: (N,)}). Teacher and student see the same x_t, t, labels and label drops.
+    `stage` is None for plain training. Returns (total (N,), {name: (N,)}). Teacher and student see the same x_t, t,
+    labels and label drops.
     """
     # The stage's KD terms; a term weighted 0 is not computed (no teacher forward at all when none is left).
-    kd_terms = [term for term in STAGE_TERMS[stage] if getattr(args, f"kd_{term}_weight") > 0] \
-        if args.distillation else []
+    kd_terms = [] if stage is None else [term for term in STAGE_TERMS[stage] if getattr(args, f"kd_{term}_weight") > 0]
     need_features = "feature" in kd_terms
     x_t = diffusion.q_sample(x0, t, noise=noise)  # (N, C, H, W)
     with autocast:
@@ -381,7 +381,7 @@ def train(args, rank, world_size, device):
     progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         new_stage = stage_at(step, args.warmup_steps, args.feature_steps, args.joint_steps) \
-            if args.distillation else "warmup"
+            if args.distillation else None
         if new_stage != stage and args.distillation:  # stage changes are logged
             logger.info(f"step {step}: stage {new_stage} (loss = diffusion" +
                         "".join(f" + {getattr(args, f'kd_{term}_weight')} * kd_{term}"
@@ -434,7 +434,7 @@ def train(args, rank, world_size, device):
                     writer.add_scalar("train/stage", STAGES.index(stage), done)
                 writer.add_scalar("train/lr", opt.param_groups[0]["lr"], done)
                 writer.add_scalar("train/images_per_second", images_per_second, done)
-                label = stage if args.distillation else "plain"  # plain training runs the warmup stage's loss
+                label = stage or "plain"
                 progress.set_postfix(loss=f"{values['total']:.4f}", stage=label)
                 logger.info(f"step {done:07d} [{label}] " + " ".join(f"{n}={v:.4f}" for n, v in values.items())
                             + f" images/s={images_per_second:.1f}")
@@ -512,10 +512,10 @@ def parse_args(argv=None):
     kd.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T")
 
     stages = parser.add_argument_group("stages (with --distillation)")
-    stages.add_argument("--warmup-steps", type=int, default=100_000, help="steps of diffusion loss only")
-    stages.add_argument("--feature-steps", type=int, default=200_000, help="steps adding feature distillation")
+    stages.add_argument("--warmup-steps", type=int, default=100_000, help="steps of diffusion loss + output (noise) MSE")
+    stages.add_argument("--feature-steps", type=int, default=200_000, help="steps adding per-block feature distillation")
     stages.add_argument("--joint-steps", type=int, default=300_000,
-                        help="steps adding output and distribution distillation")
+                        help="steps adding the tempered output-distribution KL")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--max-steps", type=int, default=None, help="training steps (plain training)")
