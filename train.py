@@ -262,7 +262,7 @@ def compute_losses(student, teacher, projections, block_map, diffusion, x0, y, t
 
 
 def all_reduce_grads(parameters, world_size):
-    """Average the gradients of modules outside DDP (the feature projections, idle in the warmup stage)."""
+    """Average the gradients of modules outside DDP (the feature projections)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if world_size == 1 or not grads:
         return
@@ -512,8 +512,10 @@ def parse_args(argv=None):
     kd.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T")
 
     stages = parser.add_argument_group("stages (with --distillation)")
-    stages.add_argument("--warmup-steps", type=int, default=100_000, help="steps of diffusion loss + output (noise) MSE")
-    stages.add_argument("--feature-steps", type=int, default=200_000, help="steps adding per-block feature distillation")
+    stages.add_argument("--warmup-steps", type=int, default=100_000,
+                        help="steps of diffusion loss + per-block feature distillation")
+    stages.add_argument("--feature-steps", type=int, default=200_000,
+                        help="steps adding output (noise) MSE distillation")
     stages.add_argument("--joint-steps", type=int, default=300_000,
                         help="steps adding the tempered output-distribution KL")
 

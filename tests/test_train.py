@@ -75,8 +75,8 @@ def test_distillation_runs_three_stages_and_logs_each_term(teacher_ckpt, tmp_pat
     for tag in ("loss/diffusion", "loss/mse", "loss/vb", "loss/total", "train/lr", "train/grad_norm",
                 "train/images_per_second"):
         assert len(scalars[tag]) == 3, tag
-    assert [s for s, _ in scalars["loss/kd_output"]] == [2, 4, 6]  # the teacher's noise from the first step
-    assert [s for s, _ in scalars["loss/kd_feature"]] == [4, 6]  # from the feature stage on
+    assert [s for s, _ in scalars["loss/kd_feature"]] == [2, 4, 6]  # the teacher's features from the first step
+    assert [s for s, _ in scalars["loss/kd_output"]] == [4, 6]  # from the feature stage on
     assert [s for s, _ in scalars["loss/kd_kl"]] == [6]  # the joint stage only
     checkpoint = load(newest(str(tmp_path)))
     assert checkpoint["stage"] == "joint" and checkpoint["step"] == 6
