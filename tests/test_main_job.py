@@ -56,5 +56,10 @@ def test_ablation_tables_variants_over_seeds(tmp_path):
     assert "| + Gaussian KL |" in table and "| staged recipe (default) |" in table
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert len(summary["+ Gaussian KL"]["accuracy"]) == 2
+    # The paired table: default minus variant, seed by seed.
+    frechet = {k: np.array(summary[k]["frechet"]) for k in ("staged recipe (default)", "+ Gaussian KL")}
+    paired_row = [line for line in table.splitlines() if line.startswith("| + Gaussian KL |")][1]
+    difference = frechet["staged recipe (default)"] - frechet["+ Gaussian KL"]
+    assert f"| {difference.mean():+.2f} ± {difference.std(ddof=1):.2f} | {(difference < 0).sum()}/2 |" in paired_row
     log = (tmp_path / "abl" / "staged_recipe_default" / "seed1" / "log.txt").read_text()
     assert "stage warmup" in log and "stage feature" in log and "stage joint" in log
