@@ -382,7 +382,7 @@ def train(args, rank, world_size, device):
     for step in range(start_step, total_steps):
         new_stage = stage_at(step, args.warmup_steps, args.feature_steps, args.joint_steps) \
             if args.distillation else None
-        if new_stage != stage and args.distillation:  # stage changes are logged
+        if new_stage != stage:  # stage changes are logged (plain training stays None)
             logger.info(f"step {step}: stage {new_stage} (loss = diffusion" +
                         "".join(f" + {getattr(args, f'kd_{term}_weight')} * kd_{term}"
                                 for term in STAGE_TERMS[new_stage]) + ")")
