@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+# The guidance scale is embedded as w * 1000 (as LCM does): the sinusoidal frequencies were made for timesteps
+# in [0, 1000), and w in e.g. [1, 4] alone would hardly turn the slowest ones.
+GUIDANCE_EMBED_SCALE = 1000.0
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -176,6 +181,7 @@ class DiT(nn.Module):
         class_dropout_prob=0.1,
         num_classes=1000,
         learn_sigma=True,
+        guidance_embed=False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -183,7 +189,8 @@ class DiT(nn.Module):
         # Plain data describing the architecture: stored in checkpoints so sample.py / export.py need no --model.
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+                           guidance_embed=guidance_embed)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -194,6 +201,10 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Guidance distillation (Meng et al. 2023): the guidance scale w as an input, embedded like a timestep and
+        # added to the conditioning. Absent (None) in every model that is not guidance-distilled, so the official
+        # state_dicts keep their exact keys.
+        self.w_embedder = TimestepEmbedder(hidden_size) if guidance_embed else None
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding, kept as a frozen parameter so official state_dicts (which contain it) load.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -221,6 +232,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.w_embedder is not None:
+            self.zero_init_guidance_embedding()
 
         # adaLN-Zero: every block starts as the identity, the output starts at zero.
         for block in self.blocks:
@@ -231,6 +244,14 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
+    def zero_init_guidance_embedding(self):
+        """The w-embedding's last layer at zero: it adds nothing to the conditioning until trained, so a loaded DiT
+        with a new w input gives exactly its old outputs."""
+        nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
+        nn.init.constant_(self.w_embedder.mlp[0].bias, 0)
+        nn.init.constant_(self.w_embedder.mlp[2].weight, 0)
+        nn.init.constant_(self.w_embedder.mlp[2].bias, 0)
+
     def unpatchify(self, x):
         """(N, T, p * p * C) -> (N, C, H, W)."""
         c, p = self.out_channels, self.patch_size
@@ -239,9 +260,10 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, return_features=False, force_drop_ids=None):
+    def forward(self, x, t, y, return_features=False, force_drop_ids=None, w=None):
         """
         x: (N, C, H, W) noisy images or latents; t: (N,) timesteps; y: (N,) class labels (num_classes = null label).
+        w: (N,) guidance scales, for a guidance-distilled model only (which needs it; 1 is the conditional model).
         return_features=True also returns the list of every block's output, each (N, T, D), from this same pass.
         force_drop_ids: (N,) 1 where the label is replaced by the null label, instead of the random dropout of
         training mode (so a teacher and its student can drop the same labels).
@@ -250,6 +272,11 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         c = t + y  # (N, D)
+        if (w is None) != (self.w_embedder is None):
+            raise ValueError("a guidance-distilled DiT needs the guidance scale w (1: no guidance); another DiT "
+                             "takes none" if w is None else "this DiT was not guidance-distilled: it takes no w")
+        if w is not None:
+            c = c + self.w_embedder(w * GUIDANCE_EMBED_SCALE)  # (N, D)
         features = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -351,6 +378,11 @@ def model_config(name, **overrides):
 #################################################################################
 
 VAE_DOWNSAMPLE = 8  # the Stable Diffusion VAE maps 8x8 pixels to one latent: 256px images are 32x32 latents
+# How a checkpoint samples (its "sampling" entry): what every DiT trained on the diffusion loss, the official ones
+# included, says. Step-distilled checkpoints carry their own (step_distill.py): the x-eps parametrisation, the
+# sampler and step counts they were distilled for, and the guidance range their w input takes.
+EPS_SAMPLING = {"method": "plain", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
+                "guidance_range": None, "consistency_skip": None}
 
 
 def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None):
@@ -358,10 +390,18 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
 
     A raw state_dict (e.g. the official DiT-XL-2-256x256.pt) carries no config: give model_name and image_size
     (in image pixels, latents are image_size / 8) and num_classes (default 1000), as the original sample.py does.
-    data describes what the model denoises: {"image_size": pixels, "latent": bool, "vae": name or path or None}
-    (None: the checkpoint does not say which VAE; a raw state_dict is taken as a latent model).
+    data describes what the model denoises and how it samples: {"image_size": pixels, "latent": bool, "vae": name or
+    path or None (None: the checkpoint does not say which VAE; a raw state_dict is taken as a latent model),
+    "sampling": the checkpoint's sampling entry (EPS_SAMPLING for checkpoints without one)}.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or pickled objects that weights_only refuses
+        raise ValueError(f"{path} cannot be read as a DiT checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ValueError(f"{path} holds no DiT weights (a {type(checkpoint).__name__}, not a state_dict or a "
+                         f"training checkpoint)")
     is_training_checkpoint = "ema" in checkpoint or "model" in checkpoint
     state_dict = checkpoint.get("ema", checkpoint.get("model")) if is_training_checkpoint else checkpoint
     config = checkpoint.get("config") if is_training_checkpoint else None
@@ -381,7 +421,8 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
     model = DiT(**config)
     load_state_dict_strict(model, state_dict, f"{path} (for a raw state_dict check --model, --image-size and "
                                               f"--num-classes)")
-    return model.eval(), data
+    sampling = checkpoint.get("sampling") if is_training_checkpoint else None
+    return model.eval(), dict(data, sampling=dict(EPS_SAMPLING, **(sampling or {})))
 
 
 def load_state_dict_strict(model, state_dict, source):

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Mlp as TimmMlp
 from timm.models.vision_transformer import PatchEmbed as TimmPatchEmbed
 
 import models
-from models import (DiT, DiT_models, LabelEmbedder, TimestepEmbedder, load_dit_checkpoint, model_config,
+from models import (EPS_SAMPLING, DiT, DiT_models, LabelEmbedder, TimestepEmbedder, load_dit_checkpoint, model_config,
                     save_checkpoint_atomic)
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -110,7 +110,8 @@ def test_official_state_dict_names_and_shapes():
 def test_model_config_is_plain_data_with_overrides():
     config = model_config("DiT-XL/2", input_size=16, depth=14, num_classes=10)
     assert config == dict(input_size=16, patch_size=2, in_channels=4, hidden_size=1152, depth=14, num_heads=16,
-                          mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
+                          mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True,
+                          guidance_embed=False)
     with torch.device("meta"):
         assert DiT(**config).config == config
 
@@ -422,7 +423,7 @@ def test_load_raw_state_dict_with_model_name_and_image_size(tmp_path):
     path = tmp_path / "raw.pt"
     torch.save(source.state_dict(), path)
     loaded, data = load_dit_checkpoint(path, model_name="DiT-Digits-S", image_size=64)  # 64 px -> 8x8 latents
-    assert data == {"image_size": 64, "latent": True, "vae": None}
+    assert data == {"image_size": 64, "latent": True, "vae": None, "sampling": EPS_SAMPLING}
     assert not loaded.training
     assert loaded.config == source.config
     for name, tensor in source.state_dict().items():
@@ -447,7 +448,7 @@ def test_load_training_checkpoint_prefers_ema(tmp_path):
     torch.save({"config": model.config, "model": model.state_dict(), "ema": ema.state_dict(), "step": 100}, path)
     assert isinstance(torch.load(path, weights_only=True), dict)  # plain data
     loaded, data = load_dit_checkpoint(path)
-    assert data == {"image_size": 64, "latent": True, "vae": None}  # no "data" key: a latent model is assumed
+    assert data == {"image_size": 64, "latent": True, "vae": None, "sampling": EPS_SAMPLING}  # no "data" key: a latent model is assumed
     assert loaded.config == model.config and not loaded.training
     for name, tensor in ema.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), f"{name} was not loaded from 'ema'"
@@ -459,7 +460,7 @@ def test_load_training_checkpoint_prefers_ema(tmp_path):
     torch.save({"config": model.config, "model": model.state_dict(), "data": digits}, path)
     loaded, data = load_dit_checkpoint(path)
     assert torch.equal(loaded.state_dict()[qkv], model.state_dict()[qkv])
-    assert data == digits
+    assert data == dict(digits, sampling=EPS_SAMPLING)
     with pytest.raises(ValueError, match="carries its model config"):
         load_dit_checkpoint(path, model_name="DiT-Digits-S", image_size=64)
 

@@ -1,0 +1,426 @@
+"""Step distillation for DiT: students that sample in 1-8 steps, with one forward per step under guidance.
+
+Each method's loss is one function below, with its paper and equation named above it:
+- progressive distillation (Salimans & Ho 2022): one student DDIM step matches two of its teacher's; each round
+  halves the steps and the student becomes the next round's teacher;
+- consistency distillation (Song et al. 2023), with LCM's skipping interval, multistep sampling and guidance folded
+  into the teacher's ODE step (Luo et al. 2023);
+- guidance distillation (Meng et al. 2023): the student takes the guidance scale w as an input and learns the
+  teacher's classifier-free-guided output.
+The classes at the bottom hold each method's state (the round's teacher, the EMA target) for train.py's loop, and the
+two few-step samplers live here too, beside the parametrisation they need; sample.py registers them by name.
+
+Parametrisation of the progressive and consistency students ("x-eps", Salimans & Ho 2022, Sec. 4 and App. D): the
+DiT's two output channel groups become (eps~, x~) and x_0 = sigma_t^2 x~ + alpha_t (x_t - sigma_t eps~). At low
+noise this is the usual eps-prediction, at t ~ T it is direct x_0-prediction: well posed at every noise level, where
+eps alone divides by alpha_T = 0.006 at DiT's last timestep. An eps-predicting DiT converts at the start: its eps
+channels stay, and the second group (the learned variance, which a deterministic few-step sampler does not use) is
+zeroed and retrained as x~; at initialisation x_0 = alpha_t^2 x_0(eps): the teacher's own estimate at low noise.
+"""
+import copy
+
+import torch
+
+from diffusion.gaussian_diffusion import get_named_beta_schedule, mean_flat
+from models import DiT, load_state_dict_strict
+
+DIFFUSION_STEPS = 1000  # DiT's training schedule (linear betas)
+METHODS = ("progressive", "consistency", "guidance")
+# LCM's boundary scalings (Luo et al. 2023, Sec. 4.2): c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2),
+# c_out = s t / sqrt((s t)^2 + sigma_data^2): exactly the identity at t = 0, the model's x_0 soon after.
+CONSISTENCY_SIGMA_DATA = 0.5
+CONSISTENCY_TIMESTEP_SCALE = 10.0
+
+_ALPHA_BAR = torch.from_numpy(get_named_beta_schedule("linear", DIFFUSION_STEPS)).neg().add(1).cumprod(0)
+# Index t + 1: position 0 is "t = -1", the clean end of every sampling grid (alpha 1, sigma 0).
+_ALPHA_BAR_WITH_CLEAN = torch.cat([torch.ones(1, dtype=torch.float64), _ALPHA_BAR])
+
+
+#################################################################################
+#                     Schedule, grids and the parametrisation                   #
+#################################################################################
+
+def alpha_sigma(t, ndim=4):
+    """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) for integer t in [-1, 1000), shaped to broadcast."""
+    alpha_bar = _ALPHA_BAR_WITH_CLEAN.to(t.device)[t.long() + 1]
+    shape = (-1,) + (1,) * (ndim - 1)
+    return alpha_bar.sqrt().float().view(shape), (1 - alpha_bar).sqrt().float().view(shape)
+
+
+def trailing_timesteps(num_steps, stride=1, num_timesteps=DIFFUSION_STEPS):
+    """num_steps timesteps from the last one down, evenly spaced ("trailing", Lin et al. 2024, Sec. 3.3).
+
+    On the grid of every stride-th timestep (stride - 1, 2 * stride - 1, ..., num_timesteps - 1): t_i =
+    stride * round(P (N - i) / N) - 1 with P = num_timesteps / stride points, rounded half up in integers. 4 steps:
+    999, 749, 499, 249; 1 step: 999. The grid of N / 2 steps is every other point of the grid of N (N a power of 2).
+    """
+    points = num_timesteps // stride
+    if not 1 <= num_steps <= points:
+        raise ValueError(f"cannot place {num_steps} steps on a grid of {points} timesteps")
+    return [stride * ((points * (num_steps - i) + num_steps // 2) // num_steps) - 1 for i in range(num_steps)]
+
+
+def unwrap(model):
+    """The DiT inside DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def model_output(model, x_t, t, y, w=None, drop=None, temperature=1.0):
+    """The DiT's output at x_t for labels y and guidance scales w (N,) (None: no guidance), divided by temperature.
+
+    A guidance-distilled DiT takes w as its input: one forward. Any other DiT with w != 1 runs classifier-free
+    guidance (Ho & Salimans 2022, Eq. 6) on the conditional and the null batch in one forward, guiding the first
+    min(3, C) channels as forward_with_cfg does. drop: (N,) 1 where the label is replaced by the null label.
+    """
+    dit = unwrap(model)
+    drop = torch.zeros_like(y) if drop is None else drop  # always given: a DiT in train mode would drop at random
+    if dit.w_embedder is not None:
+        w = torch.ones(len(x_t), device=x_t.device) if w is None else w
+        return model(x_t, t, y, force_drop_ids=drop, w=w) / temperature
+    if w is None or bool((w == 1).all()):
+        return model(x_t, t, y, force_drop_ids=drop) / temperature
+    null = torch.full_like(y, dit.config["num_classes"])
+    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]),
+                force_drop_ids=torch.zeros_like(torch.cat([y, y])))  # (2N, C_out, H, W)
+    cond, uncond = out.chunk(2)
+    g = min(3, dit.in_channels)
+    w = w.float().view(-1, 1, 1, 1)
+    guided = uncond[:, :g] + w * (cond[:, :g] - uncond[:, :g])
+    return torch.cat([guided, cond[:, g:]], dim=1) / temperature  # (N, C_out, H, W)
+
+
+def predict_x0_eps(output, x_t, t, parametrisation, clip=False):
+    """(x_0, eps) from a DiT output. clip: clamp x_0 to [-1, 1] (pixels) and re-derive eps from it, as DDIM does."""
+    C = x_t.shape[1]
+    alpha, sigma = alpha_sigma(t)
+    output = output.float()
+    if parametrisation == "eps":
+        eps = output[:, :C]
+        x0 = (x_t - sigma * eps) / alpha
+    elif parametrisation == "x-eps":  # Salimans & Ho 2022, App. D: sigma^2 x~ + alpha (x_t - sigma eps~)
+        eps_tilde, x_tilde = output[:, :C], output[:, C:2 * C]
+        x0 = sigma ** 2 * x_tilde + alpha * (x_t - sigma * eps_tilde)
+        eps = None
+    else:
+        raise ValueError(f"unknown parametrisation {parametrisation!r}")
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    if clip or eps is None:
+        eps = (x_t - alpha * x0) / sigma
+    return x0, eps
+
+
+def denoise(model, parametrisation, x_t, t, y, w=None, drop=None, clip=False, temperature=1.0):
+    """(x_0, eps) of a DiT at x_t: model_output and predict_x0_eps in one call."""
+    return predict_x0_eps(model_output(model, x_t, t, y, w, drop, temperature), x_t, t, parametrisation, clip)
+
+
+def ddim_step(x0, eps, s):
+    """DDIM's deterministic update to timestep s (Song et al. 2021, Eq. 12 with eta = 0); s = -1 returns x_0."""
+    alpha_s, sigma_s = alpha_sigma(s)
+    return alpha_s * x0 + sigma_s * eps
+
+
+def q_sample(x0, t, noise):
+    """x_t = alpha_t x_0 + sigma_t eps (DDPM Eq. 4)."""
+    alpha, sigma = alpha_sigma(t)
+    return alpha * x0 + sigma * noise
+
+
+def consistency_function(model, x_t, t, y, w=None, drop=None, clip=False):
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x_0(x_t, t) (Song et al. 2023, Eq. 3); f(x, 0) = x exactly."""
+    x0, _ = denoise(model, "x-eps", x_t, t, y, w, drop, clip)
+    scaled = CONSISTENCY_TIMESTEP_SCALE * t.double().clamp(min=0).view(-1, 1, 1, 1)
+    c_skip = CONSISTENCY_SIGMA_DATA ** 2 / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
+    c_out = scaled / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2).sqrt()
+    return c_skip.float() * x_t + c_out.float() * x0
+
+
+#################################################################################
+#                                    Losses                                     #
+#################################################################################
+
+# Salimans & Ho 2022, Algorithm 2: two teacher DDIM steps t -> t' -> t'' give the x_0 target whose single DDIM step
+# from t lands on the same x_t'', x~ = (x_t'' - (sigma_t''/sigma_t) x_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
+# matched in x-space with the truncated-SNR weight max(alpha_t^2 / sigma_t^2, 1) (their Sec. 4).
+def progressive_loss(student, teacher, teacher_parametrisation, x0, y, noise, index, teacher_steps, w=None,
+                     drop=None, clip=False):
+    """Per-example loss (N,). index: (N,) student steps in [0, teacher_steps / 2) on the trailing grid."""
+    grid = torch.tensor(trailing_timesteps(teacher_steps) + [-1], device=x0.device)
+    t, t_mid, t_next = grid[2 * index], grid[2 * index + 1], grid[2 * index + 2]
+    x_t = q_sample(x0, t, noise)
+    with torch.no_grad():
+        x_mid = ddim_step(*denoise(teacher, teacher_parametrisation, x_t, t, y, w, drop, clip), t_mid)
+        x_next = ddim_step(*denoise(teacher, teacher_parametrisation, x_mid, t_mid, y, w, drop, clip), t_next)
+        alpha_t, sigma_t = alpha_sigma(t)
+        alpha_next, sigma_next = alpha_sigma(t_next)
+        ratio = sigma_next / sigma_t
+        target = (x_next - ratio * x_t) / (alpha_next - ratio * alpha_t)
+    student_x0, _ = denoise(student, "x-eps", x_t, t, y, w, drop)
+    weight = (alpha_t ** 2 / sigma_t ** 2).clamp(min=1).flatten()
+    return weight * mean_flat((student_x0 - target) ** 2)
+
+
+# Song et al. 2023, Eq. 7 (consistency distillation, squared L2 distance, lambda = 1), on LCM's grid (Luo et al. 2023,
+# Eq. 9): the teacher's DDIM step goes k timesteps back, from t_{n+k} to t_n, and the EMA target network's f at the
+# result is the target for the online f at x_{t_{n+k}}. With guidance, w enters the teacher's step and both f's.
+def consistency_loss(student, target, teacher, teacher_parametrisation, x0, y, noise, index, skip, w=None, drop=None,
+                     clip=False):
+    """Per-example loss (N,). index: (N,) grid points in [0, 1000 / skip); t_{n+k} = (index + 1) skip - 1."""
+    t = (index + 1) * skip - 1
+    s = (t - skip).clamp(min=0)  # the first grid point steps to t = 0, where f is the identity
+    x_t = q_sample(x0, t, noise)
+    with torch.no_grad():
+        x_s = ddim_step(*denoise(teacher, teacher_parametrisation, x_t, t, y, w, drop, clip), s)
+        target_f = consistency_function(target, x_s, s, y, w, drop)
+    online_f = consistency_function(student, x_t, t, y, w, drop)
+    return mean_flat((online_f - target_f) ** 2)
+
+
+# Meng et al. 2023, Eq. 7 (stage one): the w-conditioned student matches the teacher's classifier-free-guided output,
+# eps_T(x_t, null) + w (eps_T(x_t, y) - eps_T(x_t, null)), for w drawn from the training range; all output channels
+# (the variance channels follow the conditional teacher, as forward_with_cfg leaves them).
+def guidance_loss(student, teacher, x0, y, noise, t, w):
+    """Per-example loss (N,)."""
+    x_t = q_sample(x0, t, noise)
+    with torch.no_grad():
+        guided = model_output(teacher, x_t, t, y, w)
+    return mean_flat((model_output(student, x_t, t, y, w).float() - guided.float()) ** 2)
+
+
+#################################################################################
+#                                   Samplers                                    #
+#################################################################################
+
+@torch.no_grad()
+def ddim_trailing_sample(model, parametrisation, noise, y, num_steps, w=None, clip=False, temperature=1.0):
+    """Deterministic DDIM on the trailing grid, ending at x_0: the progressive student's sampler, and the teacher's
+    few-step baseline (an eps model at 1 step jumps from t = 999 to its x_0 estimate)."""
+    grid = trailing_timesteps(num_steps) + [-1]
+    x = noise
+    for t, s in zip(grid[:-1], grid[1:]):
+        x0, eps = denoise(model, parametrisation, x, torch.full((len(x),), t, device=x.device), y, w, clip=clip,
+                          temperature=temperature)
+        x = ddim_step(x0, eps, torch.full((len(x),), s, device=x.device))
+    return x
+
+
+@torch.no_grad()
+def consistency_sample(model, noise, step_noise, y, num_steps, skip, w=None, clip=False):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM's Algorithm 3): x_0 = f(x, t_i), then
+    re-noised to t_{i+1} with step_noise[i], on the trailing grid of the training points. Returns the last x_0."""
+    grid = trailing_timesteps(num_steps, stride=skip)
+    if len(step_noise) < num_steps - 1:
+        raise ValueError(f"{num_steps} consistency steps need {num_steps - 1} re-noising draws")
+    x = noise
+    for i, t in enumerate(grid):
+        x0 = consistency_function(model, x, torch.full((len(x),), t, device=x.device), y, w, clip=clip)
+        x0 = x0.clamp(-1, 1) if clip else x0
+        if i + 1 < num_steps:
+            x = q_sample(x0, torch.full((len(x),), grid[i + 1], device=x.device), step_noise[i])
+    return x0
+
+
+#################################################################################
+#                         Students and the methods' state                       #
+#################################################################################
+
+def make_student(teacher, teacher_parametrisation, parametrisation, guidance):
+    """A trainable copy of the teacher that predicts in `parametrisation`, with a zero-initialised w-embedding if
+    `guidance`. An eps teacher becoming x-eps keeps its eps channels; its variance channels (or, without learned
+    sigma, new channels) become x~ with zero weights. Everything else is copied exactly."""
+    if teacher_parametrisation == "x-eps" and parametrisation == "eps":
+        raise ValueError("the teacher is already a few-step (x-eps) student; guidance-distil its eps-predicting "
+                         "teacher instead, or pass --guidance-range to progressive or consistency distillation")
+    learn_sigma = True if parametrisation == "x-eps" else teacher.config["learn_sigma"]
+    student = DiT(**dict(teacher.config, learn_sigma=learn_sigma,
+                         guidance_embed=guidance or teacher.w_embedder is not None))
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("final_layer.linear.")}
+    if student.w_embedder is not None and teacher.w_embedder is None:
+        state.update({k: v for k, v in student.state_dict().items() if k.startswith("w_embedder.")})
+    # final_layer.linear's rows are (patch row, patch column, output channel) flattened, channel fastest.
+    C, student_out, teacher_out = teacher.in_channels, student.out_channels, teacher.out_channels
+    rows = torch.arange(student.final_layer.linear.out_features)
+    channel, position = rows % student_out, rows // student_out
+    kept = channel < (C if teacher_parametrisation != parametrisation else teacher_out)
+    source = position[kept] * teacher_out + channel[kept]
+    weight = torch.zeros_like(student.final_layer.linear.weight)
+    bias = torch.zeros_like(student.final_layer.linear.bias)
+    weight[kept] = teacher.final_layer.linear.weight.detach()[source]
+    bias[kept] = teacher.final_layer.linear.bias.detach()[source]
+    state["final_layer.linear.weight"], state["final_layer.linear.bias"] = weight, bias
+    load_state_dict_strict(student, state, "the teacher")
+    return student
+
+
+class StepDistillation:
+    """What train.py's loop needs of a step-distillation method: the student, its loss, the state that changes
+    between steps (begin_step / end_step) and what a checkpoint keeps (state_dict) and says (sampling).
+
+    args: train.py's arguments; teacher: the frozen DiT; teacher_sampling: its checkpoint's "sampling" entry;
+    clip: clamp x_0 estimates to [-1, 1] in the teacher's steps (pixel models, as their sampler does).
+    """
+    parametrisation = "x-eps"
+
+    def __init__(self, args, teacher, teacher_sampling, clip):
+        self.args, self.teacher, self.clip = args, teacher, clip
+        self.teacher_parametrisation = teacher_sampling["parametrisation"]
+        self.guidance_range = args.guidance_range or teacher_sampling.get("guidance_range")
+        if teacher.w_embedder is not None and not self.guidance_range:
+            raise ValueError("the teacher is guidance-distilled (it takes w): pass --guidance-range")
+        self.student = make_student(teacher, self.teacher_parametrisation, self.parametrisation,
+                                    bool(self.guidance_range)).float()
+        self.method = args.step_distillation
+
+    def guidance(self, randomness):
+        """(w, drop): w drawn from the guidance range (then every label is kept: w = 1 is the conditional model),
+        else (None, the step's label drops)."""
+        if not self.guidance_range:
+            return None, randomness["drop"]
+        low, high = self.guidance_range
+        return low + (high - low) * randomness["w_uniform"], torch.zeros_like(randomness["drop"])
+
+    def label(self, step):
+        return self.method
+
+    def begin_step(self, step, student, ema):
+        return None
+
+    def end_step(self, student):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, checkpoint):
+        pass
+
+    def sampling(self):
+        raise NotImplementedError
+
+
+class ProgressiveDistillation(StepDistillation):
+    """Rounds halve the steps from --progressive-start-steps to --sampling-steps; each round's teacher is the EMA of
+    the previous round's student (round 0: the given teacher), and the student restarts from it."""
+
+    def __init__(self, args, teacher, teacher_sampling, clip):
+        super().__init__(args, teacher, teacher_sampling, clip)
+        ratio = args.progressive_start_steps // args.sampling_steps
+        if args.progressive_start_steps % args.sampling_steps or ratio < 2 or ratio & (ratio - 1):
+            raise ValueError(f"--progressive-start-steps {args.progressive_start_steps} must be --sampling-steps "
+                             f"{args.sampling_steps} times a power of two >= 2, so that rounds can halve it to "
+                             f"{args.sampling_steps} (e.g. 64 -> 32 -> 16 -> 8 -> 4)")
+        self.num_rounds = ratio.bit_length() - 1
+        if args.max_steps < self.num_rounds:
+            raise ValueError(f"--max-steps {args.max_steps} is fewer than the {self.num_rounds} rounds")
+        self.round_length = args.max_steps // self.num_rounds  # the last round also takes the remainder
+        self.round = 0
+
+    def round_at(self, step):
+        return min(step // self.round_length, self.num_rounds - 1)
+
+    def teacher_steps(self, round_index):
+        return self.args.progressive_start_steps >> round_index
+
+    def label(self, step):
+        r = self.round_at(step)
+        return f"round {r + 1}/{self.num_rounds}: {self.teacher_steps(r)}->{self.teacher_steps(r) // 2} steps"
+
+    def begin_step(self, step, student, ema):
+        r = self.round_at(step)
+        if r == self.round:
+            return None
+        # Round r starts: the last round's student (its EMA) becomes the teacher, and the student starts from it.
+        self.teacher.load_state_dict(ema.state_dict())
+        student.load_state_dict(ema.state_dict())
+        self.teacher_parametrisation, self.round = self.parametrisation, r
+        return f"step {step}: {self.label(step)} (the teacher is now the previous round's EMA student)"
+
+    def losses(self, model, x0, y, randomness):
+        w, drop = self.guidance(randomness)
+        student_steps = self.teacher_steps(self.round) // 2
+        index = (randomness["uniform"] * student_steps).long().clamp(max=student_steps - 1)
+        loss = progressive_loss(model, self.teacher, self.teacher_parametrisation, x0, y, randomness["noise"],
+                                index, self.teacher_steps(self.round), w, drop, self.clip)
+        return loss, {"progressive": loss}
+
+    def state_dict(self):
+        return {"round": self.round, "round_teacher": self.teacher.state_dict(),
+                "round_teacher_parametrisation": self.teacher_parametrisation}
+
+    def load_state_dict(self, checkpoint):
+        self.round = checkpoint["round"]
+        self.teacher.load_state_dict(checkpoint["round_teacher"])
+        self.teacher_parametrisation = checkpoint["round_teacher_parametrisation"]
+
+    def sampling(self):
+        return {"method": "progressive", "parametrisation": "x-eps", "sampler": "ddim-trailing",
+                "steps": [self.args.sampling_steps], "default_steps": self.args.sampling_steps,
+                "guidance_range": self.guidance_range, "consistency_skip": None}
+
+
+class ConsistencyDistillation(StepDistillation):
+    """The online student, an EMA target network of it (decay --consistency-target-decay, LCM's 0.95) and the
+    frozen teacher that makes the ODE step."""
+
+    def __init__(self, args, teacher, teacher_sampling, clip):
+        super().__init__(args, teacher, teacher_sampling, clip)
+        if DIFFUSION_STEPS % args.consistency_skip:
+            raise ValueError(f"--consistency-skip {args.consistency_skip} must divide {DIFFUSION_STEPS}")
+        self.points = DIFFUSION_STEPS // args.consistency_skip
+        if not 1 <= args.sampling_steps <= self.points:
+            raise ValueError(f"--sampling-steps {args.sampling_steps} must lie in [1, {self.points}], the grid of "
+                             f"--consistency-skip {args.consistency_skip}")
+        self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+
+    def losses(self, model, x0, y, randomness):
+        w, drop = self.guidance(randomness)
+        index = (randomness["uniform"] * self.points).long().clamp(max=self.points - 1)
+        loss = consistency_loss(model, self.target, self.teacher, self.teacher_parametrisation, x0, y,
+                                randomness["noise"], index, self.args.consistency_skip, w, drop, self.clip)
+        return loss, {"consistency": loss}
+
+    @torch.no_grad()
+    def end_step(self, student):
+        target = dict(self.target.named_parameters())
+        names = [name for name, _ in student.named_parameters()]
+        torch._foreach_lerp_([target[n] for n in names], [p.data for _, p in student.named_parameters()],
+                             1 - self.args.consistency_target_decay)
+
+    def state_dict(self):
+        return {"consistency_target": self.target.state_dict()}
+
+    def load_state_dict(self, checkpoint):
+        self.target.load_state_dict(checkpoint["consistency_target"])
+
+    def sampling(self):
+        return {"method": "consistency", "parametrisation": "x-eps", "sampler": "consistency",
+                "steps": list(range(1, self.points + 1)), "default_steps": self.args.sampling_steps,
+                "guidance_range": self.guidance_range, "consistency_skip": self.args.consistency_skip}
+
+
+class GuidanceDistillation(StepDistillation):
+    """One stage of Meng et al.: an eps-predicting student that takes w, sampled by any of the teacher's samplers."""
+    parametrisation = "eps"
+
+    def __init__(self, args, teacher, teacher_sampling, clip):
+        if not args.guidance_range:
+            raise ValueError("guidance distillation needs --guidance-range WMIN WMAX")
+        if teacher_sampling["parametrisation"] != "eps":
+            raise ValueError("guidance distillation needs an eps-predicting teacher (a plain or size-distilled DiT)")
+        super().__init__(args, teacher, teacher_sampling, clip)
+
+    def losses(self, model, x0, y, randomness):
+        w, _ = self.guidance(randomness)
+        loss = guidance_loss(model, self.teacher, x0, y, randomness["noise"], randomness["t"], w)
+        return loss, {"guidance": loss}
+
+    def sampling(self):
+        return {"method": "guidance", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
+                "guidance_range": self.guidance_range, "consistency_skip": None}
+
+
+STEP_METHODS = {"progressive": ProgressiveDistillation, "consistency": ConsistencyDistillation,
+                "guidance": GuidanceDistillation}
