@@ -15,18 +15,24 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import create_diffusion
-from models import DiT_models, load_dit_checkpoint
+from models import EPS_SAMPLING, DiT_models, load_dit_checkpoint
+from step_distill import consistency_sample, ddim_trailing_sample
 
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's classes
 
 
 def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm", temperature=1.0, eta=0.0,
                  progress=False, clip_denoised=False):
-    """Denoise `noise` (N, C, H, W) into samples for class `labels` (N,); returns (N, C, H, W) model-space samples.
+    """DDPM or DDIM through `diffusion` (respaced): denoise `noise` (N, C, H, W) into samples for class `labels` (N,);
+    returns (N, C, H, W) model-space samples.
 
     clip_denoised clamps each step's x_0 estimate to [-1, 1]: right for pixels, off for latents (as the original).
+    A guidance-distilled model takes cfg_scale as its input w: one forward per step instead of two.
     """
-    if cfg_scale != 1.0:
+    if model.w_embedder is not None:
+        w = torch.full((len(noise),), float(cfg_scale), device=noise.device)
+        z, model_kwargs, denoiser = noise, dict(y=labels, w=w), model.forward
+    elif cfg_scale != 1.0:
         if model.config["class_dropout_prob"] == 0:
             raise ValueError("this model was trained without label dropout, so it has no null label to guide "
                              "against: use --cfg-scale 1")
@@ -44,37 +50,113 @@ def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm",
     return samples[: len(noise)]
 
 
+#################################################################################
+#         Samplers, chosen by name: (model, sampling, noise, labels, ...)        #
+#################################################################################
+
+def ddpm(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
+    """Ancestral sampling (DDPM, Ho et al. 2020) on num_steps respaced steps, the original's default (250)."""
+    diffusion = create_diffusion(str(num_steps), learn_sigma=model.config["learn_sigma"])
+    return sample_batch(model, diffusion, noise, labels, cfg_scale, "ddpm", temperature, progress=progress,
+                        clip_denoised=clip)
+
+
+def ddim(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
+    """DDIM (Song et al. 2021) on the original's "ddimN" grid (stride 1000 // N, from t = 0 up: leading spacing)."""
+    diffusion = create_diffusion(f"ddim{num_steps}", learn_sigma=model.config["learn_sigma"])
+    return sample_batch(model, diffusion, noise, labels, cfg_scale, "ddim", temperature, eta, progress, clip)
+
+
+def ddim_trailing(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise,
+                  progress):
+    """Deterministic DDIM on the trailing grid (999 first; Lin et al. 2024): any step count from 1, for few steps."""
+    w = None if cfg_scale == 1 and model.w_embedder is None else torch.full((len(noise),), float(cfg_scale),
+                                                                            device=noise.device)
+    return ddim_trailing_sample(model, sampling["parametrisation"], noise, labels, num_steps, w, clip, temperature)
+
+
+def consistency(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
+    """Multistep consistency sampling (Song et al. 2023; LCM): denoise, re-noise to the next grid point."""
+    w = None if model.w_embedder is None else torch.full((len(noise),), float(cfg_scale), device=noise.device)
+    return consistency_sample(model, noise, step_noise, labels, num_steps, sampling["consistency_skip"], w, clip)
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "ddim-trailing": ddim_trailing, "consistency": consistency}
+
+
+def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0):
+    """(sampler, steps, cfg_scale) for a checkpoint's sampling entry: its own defaults for what is None, and a
+    ValueError that says what the model supports when a request does not fit it."""
+    own = sampling["sampler"]
+    sampler = sampler or own or "ddpm"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if own and sampler != own:
+        raise ValueError(f"this checkpoint is a {sampling['method']}-distilled student made for the {own} sampler; "
+                         f"drop --sampler (or pass --sampler {own})")
+    if not own and sampler == "consistency":
+        raise ValueError("consistency sampling needs a consistency-distilled checkpoint; this model predicts noise: "
+                         "use ddpm, ddim or ddim-trailing")
+    num_steps = num_steps or sampling["default_steps"] or 250
+    if sampling["steps"] and num_steps not in sampling["steps"]:
+        supported = sampling["steps"]
+        listed = f"{supported[0]}..{supported[-1]}" if len(supported) > 4 else ", ".join(map(str, supported))
+        raise ValueError(f"this {sampling['method']}-distilled student samples in {listed} steps, not {num_steps}: "
+                         f"drop --num-sampling-steps (default {sampling['default_steps']})")
+    guidance_range = sampling["guidance_range"]
+    if cfg_scale is None:  # the original's 4.0 for a diffusion model; a few-step student without w is unguided
+        cfg_scale = 1.0 if own and not guidance_range else 4.0
+        cfg_scale = min(max(cfg_scale, guidance_range[0]), guidance_range[1]) if guidance_range else cfg_scale
+    if guidance_range and not guidance_range[0] <= cfg_scale <= guidance_range[1]:
+        raise ValueError(f"--cfg-scale {cfg_scale} is outside the guidance range this student was distilled for "
+                         f"[{guidance_range[0]}, {guidance_range[1]}]")
+    if own and not guidance_range and cfg_scale != 1:
+        raise ValueError(f"this {sampling['method']}-distilled student was distilled without guidance (no "
+                         f"--guidance-range), so it samples at --cfg-scale 1 only")
+    if temperature != 1 and (sampler == "consistency" or sampling["parametrisation"] != "eps"):
+        raise ValueError("--temperature applies to noise-predicting models (ddpm, ddim, ddim-trailing), not to a "
+                         "few-step student")
+    return sampler, num_steps, cfg_scale
+
+
 def to_uint8_nhwc(images):
     """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C), the rounding of the original sample_ddp.py."""
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
 @torch.no_grad()
-def generate(model, data, labels, seed=0, num_sampling_steps=250, sampler="ddpm", cfg_scale=1.0, temperature=1.0,
+def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None, cfg_scale=None, temperature=1.0,
              eta=0.0, batch_size=64, vae=None, progress=True):
     """Images in [-1, 1], (N, C, H, W) on the CPU, for `labels`; the same seed gives the same images.
 
-    The initial noise of all N samples is drawn at once on the CPU from `seed`, so the DDIM (eta=0) images do not
-    depend on batch_size or device; DDPM's per-step noise comes from the global RNG, reseeded here from `seed`, so its
-    images also depend on batch_size. data: the checkpoint's description (load_dit_checkpoint); vae decodes latents.
+    sampler, num_sampling_steps and cfg_scale default to what the checkpoint says (data["sampling"]: a few-step
+    student's own sampler and steps) and otherwise to DDPM 250 at scale 4, the original's defaults.
+    The initial noise of all N samples (and a consistency sampler's re-noising) is drawn at once on the CPU from
+    `seed`, so deterministic images do not depend on batch_size or device; DDPM's per-step noise comes from the global
+    RNG, reseeded here from `seed`, so its images also depend on batch_size. data: the checkpoint's description
+    (load_dit_checkpoint); vae decodes latents.
     """
     if data["latent"] and vae is None:
         raise ValueError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
+    sampling = data.get("sampling") or EPS_SAMPLING
+    sampler, num_steps, cfg_scale = resolve_sampling(sampling, sampler, num_sampling_steps, cfg_scale, temperature)
     device = next(model.parameters()).device
-    respacing = f"ddim{num_sampling_steps}" if sampler == "ddim" else str(num_sampling_steps)
-    diffusion = create_diffusion(respacing, learn_sigma=model.config["learn_sigma"])
     cfg = model.config
     labels = torch.as_tensor(labels, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=generator)
+    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    noise = torch.randn(len(labels), *shape, generator=generator)
+    step_noise = torch.randn(num_steps - 1, len(labels), *shape, generator=generator) \
+        if sampler == "consistency" else None
     torch.manual_seed(seed)  # the per-step noise of DDPM
     images = []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
-        z = noise[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
-        samples = sample_batch(model, diffusion, z, y, cfg_scale, sampler, temperature, eta,
-                               progress=progress and len(starts) == 1, clip_denoised=not data["latent"])
+        part = slice(start, start + batch_size)
+        samples = SAMPLERS[sampler](model, sampling, noise[part].to(device), labels[part].to(device), num_steps,
+                                    cfg_scale, temperature, eta, not data["latent"],
+                                    None if step_noise is None else step_noise[:, part].to(device),
+                                    progress and len(starts) == 1)
         if data["latent"]:
             from data import decode_latents
             samples = decode_latents(vae, samples)
@@ -112,10 +194,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into a PNG grid (and an ADM .npz).")
     add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
-    sampling.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of steps")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                          help="ddpm: ancestral; ddim: the original's grid; ddim-trailing: DDIM from t = 999, for "
+                               "few steps; consistency: multistep consistency sampling (consistency students). "
+                               "Default: the checkpoint's own (a step-distilled student's), else ddpm")
+    sampling.add_argument("--num-sampling-steps", type=int, default=None,
+                          help="number of steps (default: the steps a few-step student was distilled for, else 250)")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    sampling.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
+    sampling.add_argument("--cfg-scale", type=float, default=None,
+                          help="classifier-free guidance scale (1: none). Default 4, or 1 for a few-step student "
+                               "distilled without guidance; a guidance-distilled model takes it as input (one "
+                               "forward per step) within its trained range")
     sampling.add_argument("--temperature", type=float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
     sampling.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
@@ -131,7 +220,7 @@ def parse_args(argv=None):
     output.add_argument("--npz", default=None, help="also write the samples as an ADM-layout .npz here")
     output.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = parser.parse_args(argv)
-    if args.num_sampling_steps < 1:
+    if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
         parser.error("--num-sampling-steps must be at least 1")
     if args.temperature <= 0:
         parser.error("--temperature must be positive")

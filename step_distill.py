@@ -333,26 +333,27 @@ class ProgressiveDistillation(StepDistillation):
         if r == self.round:
             return None
         # Round r starts: the last round's student (its EMA) becomes the teacher, and the student starts from it.
-        self.teacher.load_state_dict(ema.state_dict())
+        unwrap(self.teacher).load_state_dict(ema.state_dict())
         student.load_state_dict(ema.state_dict())
         self.teacher_parametrisation, self.round = self.parametrisation, r
         return f"step {step}: {self.label(step)} (the teacher is now the previous round's EMA student)"
 
-    def losses(self, model, x0, y, randomness):
+    def losses(self, model, x0, y, randomness, autocast):
         w, drop = self.guidance(randomness)
         student_steps = self.teacher_steps(self.round) // 2
         index = (randomness["uniform"] * student_steps).long().clamp(max=student_steps - 1)
-        loss = progressive_loss(model, self.teacher, self.teacher_parametrisation, x0, y, randomness["noise"],
-                                index, self.teacher_steps(self.round), w, drop, self.clip)
+        with autocast:
+            loss = progressive_loss(model, self.teacher, self.teacher_parametrisation, x0, y, randomness["noise"],
+                                    index, self.teacher_steps(self.round), w, drop, self.clip)
         return loss, {"progressive": loss}
 
     def state_dict(self):
-        return {"round": self.round, "round_teacher": self.teacher.state_dict(),
+        return {"round": self.round, "round_teacher": unwrap(self.teacher).state_dict(),
                 "round_teacher_parametrisation": self.teacher_parametrisation}
 
     def load_state_dict(self, checkpoint):
         self.round = checkpoint["round"]
-        self.teacher.load_state_dict(checkpoint["round_teacher"])
+        unwrap(self.teacher).load_state_dict(checkpoint["round_teacher"])
         self.teacher_parametrisation = checkpoint["round_teacher_parametrisation"]
 
     def sampling(self):
@@ -373,13 +374,15 @@ class ConsistencyDistillation(StepDistillation):
         if not 1 <= args.sampling_steps <= self.points:
             raise ValueError(f"--sampling-steps {args.sampling_steps} must lie in [1, {self.points}], the grid of "
                              f"--consistency-skip {args.consistency_skip}")
-        self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        device = next(teacher.parameters()).device
+        self.target = copy.deepcopy(self.student).to(device).requires_grad_(False).eval()
 
-    def losses(self, model, x0, y, randomness):
+    def losses(self, model, x0, y, randomness, autocast):
         w, drop = self.guidance(randomness)
         index = (randomness["uniform"] * self.points).long().clamp(max=self.points - 1)
-        loss = consistency_loss(model, self.target, self.teacher, self.teacher_parametrisation, x0, y,
-                                randomness["noise"], index, self.args.consistency_skip, w, drop, self.clip)
+        with autocast:
+            loss = consistency_loss(model, self.target, self.teacher, self.teacher_parametrisation, x0, y,
+                                    randomness["noise"], index, self.args.consistency_skip, w, drop, self.clip)
         return loss, {"consistency": loss}
 
     @torch.no_grad()
@@ -412,9 +415,10 @@ class GuidanceDistillation(StepDistillation):
             raise ValueError("guidance distillation needs an eps-predicting teacher (a plain or size-distilled DiT)")
         super().__init__(args, teacher, teacher_sampling, clip)
 
-    def losses(self, model, x0, y, randomness):
+    def losses(self, model, x0, y, randomness, autocast):
         w, _ = self.guidance(randomness)
-        loss = guidance_loss(model, self.teacher, x0, y, randomness["noise"], randomness["t"], w)
+        with autocast:
+            loss = guidance_loss(model, self.teacher, x0, y, randomness["noise"], randomness["t"], w)
         return loss, {"guidance": loss}
 
     def sampling(self):

@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 from diffusion import create_diffusion
 from distill import (STAGE_TERMS, STAGES, FeatureProjections, feature_loss, gaussian_kl_loss, init_student_from_teacher,
                      output_loss, softmax_kl_loss, stage_at, teacher_block_indices)
-from models import DiT, DiT_models, load_state_dict_strict, model_config, save_checkpoint_atomic
+from models import EPS_SAMPLING, DiT, DiT_models, load_state_dict_strict, model_config, save_checkpoint_atomic
+from step_distill import METHODS as STEP_METHOD_NAMES, STEP_METHODS
 
 # Flags that may change when a run is resumed; any other difference means a different experiment.
+DIFFUSION_STEPS = 1000  # DiT's training schedule: timesteps are drawn from [0, 1000)
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "log_every", "sample_every", "num_workers", "compile"}
 
 
@@ -131,17 +133,20 @@ def rank_batches(dataset, args, rank, world_size, start_step, pin_memory):
 
 
 def step_randomness(args, data, step, rank, world_size, num_timesteps, class_dropout_prob):
-    """Timesteps, noise and label drops of this step, drawn for the whole global batch from (seed, step).
+    """Timesteps, noise, label drops and two uniforms of this step, drawn for the whole global batch from (seed, step).
 
     Every rank draws the same global tensors and keeps its slice, so a run on N processes matches one process.
+    Returns {"t", "noise", "drop", "uniform" (a step-distillation grid point), "w_uniform" (a guidance scale)}.
     """
     generator = torch.Generator().manual_seed(derived_seed(args.seed, "step", step))
     global_batch, local_batch = args.global_batch_size, args.global_batch_size // world_size
     t = torch.randint(0, num_timesteps, (global_batch,), generator=generator)
     noise = torch.randn(global_batch, data["in_channels"], data["input_size"], data["input_size"], generator=generator)
     drop = (torch.rand(global_batch, generator=generator) < class_dropout_prob).long()
+    uniform, w_uniform = torch.rand(2, global_batch, generator=generator)
     part = slice(rank * local_batch, (rank + 1) * local_batch)
-    return t[part], noise[part], drop[part]
+    return {"t": t[part], "noise": noise[part], "drop": drop[part], "uniform": uniform[part],
+            "w_uniform": w_uniform[part]}
 
 
 #################################################################################
@@ -175,6 +180,89 @@ def build_student(args, data, teacher):
     if args.student_init_from_teacher:
         init_student_from_teacher(student, teacher)
     return student
+
+
+def load_step_teacher(args, data, device):
+    """The frozen teacher of step distillation and its sampling entry: any DiT checkpoint this project writes (config
+    read from it: a plain, size-distilled or step-distilled model) or a raw state_dict with --teacher-model."""
+    from models import load_dit_checkpoint
+    raw = dict(model_name=args.teacher_model, image_size=data["image_size"], num_classes=data["num_classes"]) \
+        if args.teacher_model else {}
+    try:
+        teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt, **raw)
+    except ValueError as error:
+        raise SystemExit(f"error: --teacher-ckpt: {error}") from None
+    shape = {k: teacher.config[k] for k in ("input_size", "in_channels", "num_classes")}
+    if shape != {k: data[k] for k in shape} or teacher_data["latent"] != data["latent"]:
+        raise SystemExit(f"error: the teacher {args.teacher_ckpt} denoises {shape} "
+                         f"({'latents' if teacher_data['latent'] else 'pixels'}), the training data is "
+                         f"{ {k: data[k] for k in shape} } ({'latents' if data['latent'] else 'pixels'}): train on "
+                         f"the teacher's own data")
+    teacher.requires_grad_(False)  # frozen three ways: no grads, eval mode, and no_grad around its call
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return teacher.eval().to(device=device, dtype=dtype), teacher_data["sampling"]
+
+
+class DiffusionTraining:
+    """Plain training (stage None) and size distillation (warmup -> feature -> joint): compute_losses at each step's
+    stage. The same interface as step_distill.StepDistillation, so train()'s loop is one loop for every method."""
+
+    def __init__(self, args, data, device):
+        self.args = args
+        self.teacher = load_teacher(args, data, device) if args.distillation else None
+        torch.manual_seed(derived_seed(args.seed, "init"))  # the same initial student (and projections) everywhere
+        self.student = build_student(args, data, self.teacher)
+        self.block_map, self.projections = [], torch.nn.Module()
+        if args.distillation:
+            self.block_map = teacher_block_indices(self.student.config["depth"], self.teacher.config["depth"])
+            self.projections = FeatureProjections(self.student.config["hidden_size"],
+                                                  self.teacher.config["hidden_size"],
+                                                  self.student.config["depth"]).to(device)
+        self.diffusion = create_diffusion(timestep_respacing="", learn_sigma=self.student.config["learn_sigma"])
+        self.stage = None
+
+    def stage_at(self, step):
+        args = self.args
+        return stage_at(step, args.warmup_steps, args.feature_steps, args.joint_steps) if args.distillation else None
+
+    def label(self, step):
+        return self.stage_at(step) or "plain"
+
+    def begin_step(self, step, student, ema):
+        stage, previous = self.stage_at(step), self.stage
+        self.stage = stage
+        if stage == previous:  # plain training stays None; a resumed run logs the stage it resumes in
+            return None
+        return f"step {step}: stage {stage} (loss = diffusion" + "".join(
+            f" + {getattr(self.args, f'kd_{term}_weight')} * kd_{term}" for term in STAGE_TERMS[stage]) + ")"
+
+    def losses(self, model, x0, y, randomness, autocast):
+        return compute_losses(model, self.teacher, self.projections, self.block_map, self.diffusion, x0, y,
+                              randomness["t"], randomness["noise"], randomness["drop"], self.stage, self.args,
+                              autocast)
+
+    def end_step(self, student):
+        pass
+
+    def state_dict(self):
+        return {"projections": self.projections.state_dict(), "stage": self.stage}
+
+    def load_state_dict(self, checkpoint):
+        self.projections.load_state_dict(checkpoint.get("projections", {}))
+
+    def sampling(self):
+        return dict(EPS_SAMPLING, method="size-distillation" if self.args.distillation else "plain")
+
+
+def build_method(args, data, device):
+    """The training method of this run: plain, size distillation, or one of step_distill's."""
+    if not args.step_distillation:
+        return DiffusionTraining(args, data, device)
+    teacher, teacher_sampling = load_step_teacher(args, data, device)
+    try:
+        return STEP_METHODS[args.step_distillation](args, teacher, teacher_sampling, clip=not data["latent"])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 @torch.no_grad()
@@ -277,12 +365,14 @@ def all_reduce_grads(parameters, world_size):
 #                                     Main                                      #
 #################################################################################
 
-def save_sample_grid(ema, data, vae, path, step, writer):
+def save_sample_grid(ema, data, sampling, vae, path, step, writer):
+    """EMA samples, unguided: DDIM 50 for a diffusion model, the distilled sampler and steps for a few-step one."""
     from torchvision.utils import save_image
     from sample import generate
     labels = [i % data["num_classes"] for i in range(min(4 * data["num_classes"], 32))]
-    images = generate(ema, data, labels, seed=0, num_sampling_steps=50, sampler="ddim", cfg_scale=1.0, vae=vae,
-                      progress=False)
+    few_step = sampling["sampler"] is not None
+    images = generate(ema, dict(data, sampling=sampling), labels, seed=0, num_sampling_steps=None if few_step else 50,
+                      sampler=None if few_step else "ddim", cfg_scale=1.0, vae=vae, progress=False)
     save_image(images, path, nrow=min(data["num_classes"], 8), normalize=True, value_range=(-1, 1))
     writer.add_images("samples/ema", (images.clamp(-1, 1) + 1) / 2, step)
 
@@ -304,6 +394,13 @@ def main(args):
         os._exit(0)
 
 
+def checkpoint_contents(args, method, student, ema, opt, data, step):
+    """One plain-data checkpoint: weights, optimizer, the method's state, options, config, data and how it samples."""
+    return {"model": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+            **method.state_dict(), "args": vars(args), "config": student.config,
+            "data": {k: data[k] for k in ("image_size", "latent", "vae")}, "sampling": method.sampling()}
+
+
 def train(args, rank, world_size, device):
     from torch.utils.tensorboard import SummaryWriter
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs, as the original train.py
@@ -316,7 +413,7 @@ def train(args, rank, world_size, device):
     logger = create_logger(args.results_dir, rank)
     writer = SummaryWriter(os.path.join(args.results_dir, "tensorboard")) if rank == 0 else None
 
-    # ---------------------------------------------------------------- data and models
+    # ---------------------------------------------------------------- data, method and models
     try:
         dataset, data, vae = build_dataset(args, device)
     except (FileNotFoundError, ValueError, OSError) as error:  # a missing path, an empty folder, a bad VAE
@@ -324,23 +421,17 @@ def train(args, rank, world_size, device):
     if len(dataset) < args.global_batch_size:
         raise SystemExit(f"error: the data set has {len(dataset)} examples, fewer than --global-batch-size "
                          f"{args.global_batch_size}")
-    teacher = load_teacher(args, data, device) if args.distillation else None
-    torch.manual_seed(derived_seed(args.seed, "init"))  # the same initial student (and projections) everywhere
-    student = build_student(args, data, teacher).to(device)
+    method = build_method(args, data, device)  # plain, size distillation or step distillation: the student and loss
+    student = method.student.to(device)
     if args.grad_checkpointing:
         student.enable_gradient_checkpointing()
     ema = DiT(**student.config).to(device)
     ema.load_state_dict(student.state_dict())
     ema.requires_grad_(False)
     ema.eval()
-    block_map, projections = [], torch.nn.Module()
-    if args.distillation:
-        block_map = teacher_block_indices(student.config["depth"], teacher.config["depth"])
-        projections = FeatureProjections(student.config["hidden_size"], teacher.config["hidden_size"],
-                                         student.config["depth"]).to(device)
-    trainable = [p for p in student.parameters() if p.requires_grad] + list(projections.parameters())
+    extra = getattr(method, "projections", torch.nn.Module())  # trained beside the student (size distillation)
+    trainable = [p for p in student.parameters() if p.requires_grad] + list(extra.parameters())
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # one kernel per step
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=student.config["learn_sigma"])
     total_steps = args.warmup_steps + args.feature_steps + args.joint_steps if args.distillation else args.max_steps
 
     # ---------------------------------------------------------------- resume
@@ -350,7 +441,7 @@ def train(args, rank, world_size, device):
         student.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         opt.load_state_dict(checkpoint["opt"])
-        projections.load_state_dict(checkpoint.get("projections", {}))
+        method.load_state_dict(checkpoint)
         start_step = checkpoint["step"]
         logger.info(f"resumed from {path} at step {start_step}")
     else:
@@ -360,48 +451,42 @@ def train(args, rank, world_size, device):
                 json.dump(vars(args), f, indent=2)
     del checkpoint
 
-    student_parameters = sum(p.numel() for p in student.parameters())
     logger.info(f"data: {data}, {len(dataset):,} examples; device {device}, {world_size} process(es)")
-    logger.info(f"student {student.config} with {student_parameters:,} parameters")
-    if teacher is not None:
-        logger.info(f"teacher {args.teacher_model} with {sum(p.numel() for p in teacher.parameters()):,} parameters; "
-                    f"student block i <- teacher block {block_map}")
+    logger.info(f"student {student.config} with {sum(p.numel() for p in student.parameters()):,} parameters")
+    if method.teacher is not None:
+        logger.info(f"teacher {method.teacher.config} with {sum(p.numel() for p in method.teacher.parameters()):,} "
+                    f"parameters" + (f"; student block i <- teacher block {method.block_map}"
+                                     if args.distillation else f"; {args.step_distillation} distillation"))
 
     model = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else student
     if args.compile:
         model = torch.compile(model)
-        teacher = torch.compile(teacher) if teacher is not None else None
+        method.teacher = torch.compile(method.teacher) if method.teacher is not None else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     batches = rank_batches(dataset, args, rank, world_size, start_step, pin_memory=device.type == "cuda")
 
     # ---------------------------------------------------------------- loop
     model.train()
     sums, interval_steps, interval_start = {}, 0, time.time()
-    stage = None
     progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in range(start_step, total_steps):
-        new_stage = stage_at(step, args.warmup_steps, args.feature_steps, args.joint_steps) \
-            if args.distillation else None
-        if new_stage != stage:  # stage changes are logged (plain training stays None)
-            logger.info(f"step {step}: stage {new_stage} (loss = diffusion" +
-                        "".join(f" + {getattr(args, f'kd_{term}_weight')} * kd_{term}"
-                                for term in STAGE_TERMS[new_stage]) + ")")
-        stage = new_stage
+        message = method.begin_step(step, student, ema)  # a new stage or round
+        if message:
+            logger.info(message)
         torch.manual_seed(derived_seed(args.seed, "global", step, rank))  # anything else random (VAE sampling)
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if vae is not None:
             from data import encode_images
             x = encode_images(vae, x)
-        t, noise, drop = step_randomness(args, data, step, rank, world_size, diffusion.num_timesteps,
-                                         student.config["class_dropout_prob"])
-        t, noise, drop = t.to(device), noise.to(device), drop.to(device)
+        randomness = step_randomness(args, data, step, rank, world_size, DIFFUSION_STEPS,
+                                     student.config["class_dropout_prob"])
+        randomness = {k: v.to(device) for k, v in randomness.items()}
 
-        loss, terms = compute_losses(model, teacher, projections, block_map, diffusion, x, y, t, noise, drop, stage,
-                                     args, autocast)
+        loss, terms = method.losses(model, x, y, randomness, autocast)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
-        all_reduce_grads(projections.parameters(), world_size)
+        all_reduce_grads(extra.parameters(), world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):  # identical on every rank after the all-reduce
             finite_terms = {k: v.mean().item() for k, v in terms.items()}
@@ -411,6 +496,7 @@ def train(args, rank, world_size, device):
                              f"rather than fp16, or check the data and the teacher.")
         opt.step()
         update_ema(ema, student, args.ema_decay)
+        method.end_step(student)
 
         # ------------------------------------------------------------ logging
         for name, value in {"total": loss, **terms, "grad_norm": grad_norm}.items():
@@ -424,30 +510,25 @@ def train(args, rank, world_size, device):
             if world_size > 1:
                 dist.all_reduce(means)
                 means /= world_size
-            elapsed = time.time() - interval_start
-            images_per_second = interval_steps * args.global_batch_size / elapsed
+            images_per_second = interval_steps * args.global_batch_size / (time.time() - interval_start)
             if rank == 0:
                 values = dict(zip(names, means.tolist()))
                 for name, value in values.items():
                     writer.add_scalar(f"loss/{name}" if name != "grad_norm" else "train/grad_norm", value, done)
                 if args.distillation:
-                    writer.add_scalar("train/stage", STAGES.index(stage), done)
+                    writer.add_scalar("train/stage", STAGES.index(method.stage), done)
                 writer.add_scalar("train/lr", opt.param_groups[0]["lr"], done)
                 writer.add_scalar("train/images_per_second", images_per_second, done)
-                label = stage or "plain"
-                progress.set_postfix(loss=f"{values['total']:.4f}", stage=label)
-                logger.info(f"step {done:07d} [{label}] " + " ".join(f"{n}={v:.4f}" for n, v in values.items())
+                progress.set_postfix(loss=f"{values['total']:.4f}", stage=method.label(step))
+                logger.info(f"step {done:07d} [{method.label(step)}] "
+                            + " ".join(f"{n}={v:.4f}" for n, v in values.items())
                             + f" images/s={images_per_second:.1f}")
             sums, interval_steps, interval_start = {}, 0, time.time()
 
         if done % args.ckpt_every == 0 or done == total_steps:
             if rank == 0:
-                checkpoint = {"model": student.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                              "projections": projections.state_dict(), "step": done, "stage": stage,
-                              "args": vars(args), "config": student.config, "data": {k: data[k] for k in
-                                                                                     ("image_size", "latent", "vae")}}
                 path = os.path.join(checkpoint_dir(args), f"{done:07d}.pt")
-                save_checkpoint_atomic(checkpoint, path)
+                save_checkpoint_atomic(checkpoint_contents(args, method, student, ema, opt, data, done), path)
                 logger.info(f"saved {path}")
             if world_size > 1:
                 dist.barrier()
@@ -458,8 +539,8 @@ def train(args, rank, world_size, device):
                 if data["latent"] and vae is None:
                     from data import load_vae
                     vae = load_vae(data["vae"], device)
-                save_sample_grid(ema, data, vae, os.path.join(args.results_dir, "samples", f"{done:07d}.png"),
-                                 done, writer)
+                save_sample_grid(ema, data, method.sampling(), vae,
+                                 os.path.join(args.results_dir, "samples", f"{done:07d}.png"), done, writer)
     progress.close()
     if rank == 0:
         writer.close()
@@ -469,6 +550,31 @@ def train(args, rank, world_size, device):
 #################################################################################
 #                                   Arguments                                   #
 #################################################################################
+
+STEP_FLAGS = ("sampling_steps", "progressive_start_steps", "consistency_skip", "consistency_target_decay",
+              "guidance_range")
+
+
+def check_step_distillation_args(parser, args):
+    if args.distillation or args.model or args.student_model or args.student_depth or args.student_init_from_teacher:
+        parser.error("--step-distillation trains a student of the teacher's own architecture: drop --distillation, "
+                     "--model and --student-* (distil the size first, then give that checkpoint as --teacher-ckpt)")
+    if not args.teacher_ckpt:
+        parser.error("--step-distillation needs --teacher-ckpt")
+    if not os.path.isfile(args.teacher_ckpt):
+        parser.error(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
+    if args.max_steps is None or args.max_steps < 1:
+        parser.error("--step-distillation needs --max-steps N (N >= 1)")
+    if args.sampling_steps < 1 or args.progressive_start_steps < 2 or args.consistency_skip < 1:
+        parser.error("--sampling-steps and --consistency-skip must be at least 1, --progressive-start-steps 2")
+    if not 0 <= args.consistency_target_decay < 1:
+        parser.error("--consistency-target-decay must lie in [0, 1)")
+    if args.guidance_range is not None:
+        low, high = args.guidance_range
+        if not (np.isfinite(low) and np.isfinite(high) and 0 <= low <= high):
+            parser.error(f"--guidance-range {low} {high}: give finite WMIN <= WMAX, both >= 0 (1 is no guidance)")
+        args.guidance_range = [low, high]
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a DiT, or distill a teacher DiT into a student "
@@ -489,7 +595,8 @@ def parse_args(argv=None):
 
     teacher = parser.add_argument_group("teacher (with --distillation)")
     teacher.add_argument("--distillation", action="store_true", help="distill --teacher-model into --student-model")
-    teacher.add_argument("--teacher-model", choices=list(DiT_models), default=None, help="teacher architecture")
+    teacher.add_argument("--teacher-model", choices=list(DiT_models), default=None,
+                         help="teacher architecture (with --step-distillation only for a raw state_dict)")
     teacher.add_argument("--teacher-ckpt", default=None,
                          help="teacher weights: an official raw state_dict or a training checkpoint (EMA used)")
 
@@ -519,8 +626,32 @@ def parse_args(argv=None):
     stages.add_argument("--joint-steps", type=int, default=300_000,
                         help="steps adding the tempered output-distribution KL")
 
+    steps = parser.add_argument_group(
+        "step distillation (--step-distillation): a student of the teacher's own architecture, started from its "
+        "weights, that samples in a few steps (--teacher-ckpt: any checkpoint of this project, or a raw state_dict "
+        "with --teacher-model); runs --max-steps steps")
+    steps.add_argument("--step-distillation", choices=list(STEP_METHOD_NAMES), default=None,
+                       help="progressive: rounds halving the DDIM steps (Salimans & Ho 2022); consistency: "
+                            "consistency distillation with multistep sampling (Song et al. 2023, LCM); guidance: "
+                            "the student takes the guidance scale as an input (Meng et al. 2023)")
+    steps.add_argument("--sampling-steps", type=int, default=4,
+                       help="steps the student samples in: progressive distils down to it; consistency records it "
+                            "as the checkpoint's default (any count up to 1000 / --consistency-skip works)")
+    steps.add_argument("--progressive-start-steps", type=int, default=64,
+                       help="DDIM steps of the teacher in the first progressive round (--sampling-steps times a "
+                            "power of two); --max-steps is split evenly over the rounds")
+    steps.add_argument("--consistency-skip", type=int, default=20,
+                       help="skipping interval k: the teacher's DDIM step goes from t to t - k (LCM's 20)")
+    steps.add_argument("--consistency-target-decay", type=float, default=0.95,
+                       help="EMA decay of the consistency target network (LCM's 0.95)")
+    steps.add_argument("--guidance-range", type=float, nargs=2, metavar=("WMIN", "WMAX"), default=None,
+                       help="guidance scales the student learns to take as input (w drawn uniformly; 1 = no "
+                            "guidance): required for guidance, optional with progressive or consistency (then the "
+                            "teacher's steps are guided, as LCM)")
+
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max-steps", type=int, default=None, help="training steps (plain training)")
+    optim.add_argument("--max-steps", type=int, default=None,
+                       help="training steps (plain training and step distillation)")
     optim.add_argument("--global-batch-size", type=int, default=256, help="batch size summed over all processes")
     optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as the original)")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -540,7 +671,9 @@ def parse_args(argv=None):
     run.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: none)")
 
     args = parser.parse_args(argv)
-    if args.distillation:
+    if args.step_distillation:
+        check_step_distillation_args(parser, args)
+    elif args.distillation:
         if not (args.teacher_model and args.teacher_ckpt and args.student_model):
             parser.error("--distillation needs --teacher-model, --teacher-ckpt and --student-model")
         if args.model:
@@ -559,11 +692,15 @@ def parse_args(argv=None):
     else:
         given = [f for f in ("teacher_model", "teacher_ckpt", "student_model") if getattr(args, f)]
         if given or args.student_init_from_teacher:
-            parser.error("--teacher-*, --student-model and --student-init-from-teacher need --distillation")
+            parser.error("--teacher-*, --student-model and --student-init-from-teacher need --distillation or "
+                         "--step-distillation")
         if not args.model:
             parser.error("plain training needs --model (or pass --distillation)")
         if args.max_steps is None or args.max_steps < 1:
             parser.error("plain training needs --max-steps N (N >= 1)")
+    if args.step_distillation is None and any(getattr(args, k) != parser.get_default(k) for k in STEP_FLAGS):
+        parser.error("--sampling-steps, --progressive-*, --consistency-* and --guidance-range need "
+                     "--step-distillation")
     if args.student_init_from_teacher and args.teacher_model and args.student_model and (
             model_config(args.student_model)["hidden_size"] != model_config(args.teacher_model)["hidden_size"]):
         parser.error("--student-init-from-teacher copies teacher blocks, so the student needs the teacher's width: "
