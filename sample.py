@@ -84,9 +84,11 @@ def consistency(model, sampling, noise, labels, num_steps, cfg_scale, temperatur
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "ddim-trailing": ddim_trailing, "consistency": consistency}
 
 
-def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0):
+def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0, default_cfg_scale=1.0):
     """(sampler, steps, cfg_scale) for a checkpoint's sampling entry: its own defaults for what is None, and a
-    ValueError that says what the model supports when a request does not fit it."""
+    ValueError that says what the model supports when a request does not fit it. default_cfg_scale: the scale for a
+    model that takes guidance, clamped into a guidance-distilled model's range (a few-step student distilled without
+    guidance samples at 1)."""
     own = sampling["sampler"]
     sampler = sampler or own or "ddpm"
     if sampler not in SAMPLERS:
@@ -104,8 +106,8 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
         raise ValueError(f"this {sampling['method']}-distilled student samples in {listed} steps, not {num_steps}: "
                          f"drop --num-sampling-steps (default {sampling['default_steps']})")
     guidance_range = sampling["guidance_range"]
-    if cfg_scale is None:  # the original's 4.0 for a diffusion model; a few-step student without w is unguided
-        cfg_scale = 1.0 if own and not guidance_range else 4.0
+    if cfg_scale is None:
+        cfg_scale = 1.0 if own and not guidance_range else default_cfg_scale
         cfg_scale = min(max(cfg_scale, guidance_range[0]), guidance_range[1]) if guidance_range else cfg_scale
     if guidance_range and not guidance_range[0] <= cfg_scale <= guidance_range[1]:
         raise ValueError(f"--cfg-scale {cfg_scale} is outside the guidance range this student was distilled for "
@@ -126,11 +128,11 @@ def to_uint8_nhwc(images):
 
 @torch.no_grad()
 def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None, cfg_scale=None, temperature=1.0,
-             eta=0.0, batch_size=64, vae=None, progress=True):
+             eta=0.0, batch_size=64, vae=None, progress=True, default_cfg_scale=1.0):
     """Images in [-1, 1], (N, C, H, W) on the CPU, for `labels`; the same seed gives the same images.
 
     sampler, num_sampling_steps and cfg_scale default to what the checkpoint says (data["sampling"]: a few-step
-    student's own sampler and steps) and otherwise to DDPM 250 at scale 4, the original's defaults.
+    student's own sampler and steps) and otherwise to DDPM 250 at default_cfg_scale (see resolve_sampling).
     The initial noise of all N samples (and a consistency sampler's re-noising) is drawn at once on the CPU from
     `seed`, so deterministic images do not depend on batch_size or device; DDPM's per-step noise comes from the global
     RNG, reseeded here from `seed`, so its images also depend on batch_size. data: the checkpoint's description
@@ -139,7 +141,8 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     if data["latent"] and vae is None:
         raise ValueError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
     sampling = data.get("sampling") or EPS_SAMPLING
-    sampler, num_steps, cfg_scale = resolve_sampling(sampling, sampler, num_sampling_steps, cfg_scale, temperature)
+    sampler, num_steps, cfg_scale = resolve_sampling(sampling, sampler, num_sampling_steps, cfg_scale, temperature,
+                                                     default_cfg_scale)
     device = next(model.parameters()).device
     cfg = model.config
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -259,7 +262,7 @@ def main(args):
     try:
         images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
                           sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
-                          batch_size=args.batch_size, vae=vae)
+                          batch_size=args.batch_size, vae=vae, default_cfg_scale=4.0)  # the original's default
     except ValueError as error:  # e.g. guidance asked of a model without a null label
         raise SystemExit(f"error: {error}") from None
     from torchvision.utils import save_image

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from models import load_dit_checkpoint
-from sample import add_checkpoint_args, generate, save_npz
+from sample import SAMPLERS, add_checkpoint_args, generate, resolve_sampling, save_npz
 from train import cleanup, derived_seed, setup_distributed
 
 
@@ -159,6 +159,12 @@ def sample(args, rank, world_size, device):
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     model.to(device)
+    try:  # the checkpoint's own sampler and steps where not given (a few-step student's), written into meta.json
+        args.sampler, args.num_sampling_steps, args.cfg_scale = resolve_sampling(
+            data["sampling"], args.sampler, args.num_sampling_steps, args.cfg_scale, args.temperature,
+            default_cfg_scale=1.5)  # 1.5 as the original sample_ddp.py
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     num_classes = model.config["num_classes"]
     if args.vae and not data["latent"]:
         raise SystemExit(f"error: {args.ckpt} denoises pixels, not VAE latents; drop --vae")
@@ -205,11 +211,15 @@ def parse_args(argv=None):
     sampling.add_argument("--num-samples", type=int, default=50_000,
                           help="number of images; sample i has class label i %% num_classes")
     sampling.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
-    sampling.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral DDPM or DDIM")
-    sampling.add_argument("--num-sampling-steps", type=int, default=250, help="respaced number of steps")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                          help="as sample.py's --sampler (default: the checkpoint's own, else ddpm)")
+    sampling.add_argument("--num-sampling-steps", type=int, default=None,
+                          help="number of steps (default: the steps a few-step student was distilled for, else 250)")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    sampling.add_argument("--cfg-scale", type=float, default=1.5,
-                          help="classifier-free guidance scale (1: none; 1.5 as the original sample_ddp.py)")
+    sampling.add_argument("--cfg-scale", type=float, default=None,
+                          help="classifier-free guidance scale (1: none; default 1.5 as the original sample_ddp.py, "
+                               "1 for a few-step student distilled without guidance); one forward per step for a "
+                               "guidance-distilled model")
     sampling.add_argument("--temperature", type=float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
     sampling.add_argument("--seed", type=int, default=0, help="random seed; chunk k's noise comes from (seed, k)")
@@ -224,7 +234,7 @@ def parse_args(argv=None):
     output.add_argument("--out", default=None, help="the final .npz (default: SAMPLE_DIR/samples_NUM_SAMPLES.npz)")
     args = parser.parse_args(argv)
     for flag in ("num_samples", "per_proc_batch_size", "num_sampling_steps", "chunk_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.temperature <= 0:
         parser.error("--temperature must be positive")

@@ -151,16 +151,22 @@ def progressive_loss(student, teacher, teacher_parametrisation, x0, y, noise, in
     grid = torch.tensor(trailing_timesteps(teacher_steps) + [-1], device=x0.device)
     t, t_mid, t_next = grid[2 * index], grid[2 * index + 1], grid[2 * index + 2]
     x_t = q_sample(x0, t, noise)
-    with torch.no_grad():
-        x_mid = ddim_step(*denoise(teacher, teacher_parametrisation, x_t, t, y, w, drop, clip), t_mid)
-        x_next = ddim_step(*denoise(teacher, teacher_parametrisation, x_mid, t_mid, y, w, drop, clip), t_next)
-        alpha_t, sigma_t = alpha_sigma(t)
-        alpha_next, sigma_next = alpha_sigma(t_next)
-        ratio = sigma_next / sigma_t
-        target = (x_next - ratio * x_t) / (alpha_next - ratio * alpha_t)
+    target = progressive_target(teacher, teacher_parametrisation, x_t, t, t_mid, t_next, y, w, drop, clip)
     student_x0, _ = denoise(student, "x-eps", x_t, t, y, w, drop)
+    alpha_t, sigma_t = alpha_sigma(t)
     weight = (alpha_t ** 2 / sigma_t ** 2).clamp(min=1).flatten()
     return weight * mean_flat((student_x0 - target) ** 2)
+
+
+@torch.no_grad()
+def progressive_target(teacher, teacher_parametrisation, x_t, t, t_mid, t_next, y, w=None, drop=None, clip=False):
+    """Algorithm 2's x~: the x_0 whose one DDIM step from t reaches the teacher's two-step x_t''."""
+    x_mid = ddim_step(*denoise(teacher, teacher_parametrisation, x_t, t, y, w, drop, clip), t_mid)
+    x_next = ddim_step(*denoise(teacher, teacher_parametrisation, x_mid, t_mid, y, w, drop, clip), t_next)
+    alpha_t, sigma_t = alpha_sigma(t)
+    alpha_next, sigma_next = alpha_sigma(t_next)
+    ratio = sigma_next / sigma_t
+    return (x_next - ratio * x_t) / (alpha_next - ratio * alpha_t)
 
 
 # Song et al. 2023, Eq. 7 (consistency distillation, squared L2 distance, lambda = 1), on LCM's grid (Luo et al. 2023,
@@ -357,8 +363,9 @@ class ProgressiveDistillation(StepDistillation):
         self.teacher_parametrisation = checkpoint["round_teacher_parametrisation"]
 
     def sampling(self):
+        steps = self.teacher_steps(self.round) // 2  # this round's student: a checkpoint at a round's end samples so
         return {"method": "progressive", "parametrisation": "x-eps", "sampler": "ddim-trailing",
-                "steps": [self.args.sampling_steps], "default_steps": self.args.sampling_steps,
+                "steps": [steps], "default_steps": steps,
                 "guidance_range": self.guidance_range, "consistency_skip": None}
 
 

@@ -259,6 +259,7 @@ def build_method(args, data, device):
     if not args.step_distillation:
         return DiffusionTraining(args, data, device)
     teacher, teacher_sampling = load_step_teacher(args, data, device)
+    torch.manual_seed(derived_seed(args.seed, "init"))  # the same new weights (a w-embedding) in every run
     try:
         return STEP_METHODS[args.step_distillation](args, teacher, teacher_sampling, clip=not data["latent"])
     except ValueError as error:
@@ -296,8 +297,10 @@ def latest_checkpoint(args, logger):
 
 
 def check_resumable(saved_args, args):
+    # Progressive rounds split --max-steps evenly, so there it fixes where each round starts.
+    resumable = RESUMABLE_CHANGES - {"max_steps"} if args.step_distillation == "progressive" else RESUMABLE_CHANGES
     changed = {k: (saved_args.get(k), v) for k, v in vars(args).items()
-               if k not in RESUMABLE_CHANGES and saved_args.get(k) != v}
+               if k not in resumable and saved_args.get(k) != v}
     if changed:
         details = ", ".join(f"--{k.replace('_', '-')}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise SystemExit(f"error: {args.results_dir} holds a run with other options ({details}); rerun the same "

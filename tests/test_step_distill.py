@@ -1,0 +1,295 @@
+"""Step distillation: the methods' math against hand computations, the samplers, and train.py / sample.py end to end."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import step_distill as sd
+from models import DiT, DiT_models, load_dit_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIXEL = dict(input_size=8, in_channels=1, num_classes=10)
+TINY = ["--global-batch-size", "16", "--log-every", "2", "--lr", "1e-3", "--ema-decay", "0.9"]
+
+
+def random_dit(seed=0, **overrides):
+    """A tiny DiT with every weight random (adaLN-Zero would make its output 0)."""
+    torch.manual_seed(seed)
+    model = DiT_models["DiT-Digits-S"](**dict(PIXEL, **overrides))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name != "pos_embed":
+                parameter.normal_(0, 0.1)
+    return model.eval()
+
+
+def alpha_bar_float64():
+    return np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))  # DiT's linear schedule
+
+
+def run_script(script, *args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+#################################################################################
+#                               The methods' math                               #
+#################################################################################
+
+def test_trailing_grids_start_at_the_last_timestep_and_nest():
+    assert sd.trailing_timesteps(1) == [999]
+    assert sd.trailing_timesteps(2) == [999, 499]
+    assert sd.trailing_timesteps(4) == [999, 749, 499, 249]
+    assert sd.trailing_timesteps(4, stride=20) == [999, 759, 499, 259]
+    for steps in (2, 4, 8, 16, 32, 64):
+        assert sd.trailing_timesteps(steps)[::2] == sd.trailing_timesteps(steps // 2)  # progressive rounds nest
+    with pytest.raises(ValueError, match="cannot place"):
+        sd.trailing_timesteps(51, stride=20)
+
+
+def test_progressive_target_is_two_teacher_ddim_steps_by_hand():
+    teacher = random_dit()
+    torch.manual_seed(1)
+    x_t = torch.randn(3, 1, 8, 8)
+    y = torch.tensor([0, 3, 7])
+    t, t_mid, t_next = torch.tensor([999, 499, 124]), torch.tensor([749, 249, 62]), torch.tensor([499, -1, 0])
+    target = sd.progressive_target(teacher, "eps", x_t, t, t_mid, t_next, y)
+
+    # By hand, in float64: DDIM x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps, with x0 = (x - sqrt(1 - ab) eps) / sqrt(ab).
+    alpha_bar = np.concatenate([[1.0], alpha_bar_float64()])  # index t + 1; t = -1 is clean
+
+    def eps_of(x, times):
+        with torch.no_grad():
+            return teacher(x.float(), times, y)[:, :1].double()
+
+    def ddim(x, times, to):
+        ab, ab_to = (torch.from_numpy(alpha_bar[(v + 1).numpy()]).view(-1, 1, 1, 1) for v in (times, to))
+        eps = eps_of(x, times)
+        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return ab_to.sqrt() * x0 + (1 - ab_to).sqrt() * eps
+
+    x_next = ddim(ddim(x_t.double(), t, t_mid), t_mid, t_next)
+    ab_t, ab_next = (torch.from_numpy(alpha_bar[(v + 1).numpy()]).view(-1, 1, 1, 1) for v in (t, t_next))
+    ratio = (1 - ab_next).sqrt() / (1 - ab_t).sqrt()
+    expected = (x_next - ratio * x_t.double()) / (ab_next.sqrt() - ratio * ab_t.sqrt())
+    torch.testing.assert_close(target.double(), expected, rtol=1e-4, atol=1e-4)
+    # and one student DDIM step from x_t with that x_0 lands where the teacher's two steps did
+    alpha, sigma = sd.alpha_sigma(t)
+    one_step = sd.ddim_step(target, (x_t - alpha * target) / sigma, t_next)
+    torch.testing.assert_close(one_step.double(), x_next, rtol=1e-4, atol=1e-4)
+
+
+def test_eps_sampler_on_a_shared_grid_matches_the_projects_ddim():
+    """ddim-trailing on an eps model equals create_diffusion's DDIM where the two grids coincide (leading "ddim4"
+    is 0, 250, 500, 750; trailing 4 is 999, 749, 499, 249: compare one step t -> s on both)."""
+    from diffusion import create_diffusion
+    model = random_dit(2)
+    torch.manual_seed(3)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    diffusion = create_diffusion("ddim4")  # timesteps 0, 250, 500, 750
+    out = diffusion.ddim_sample(model, x, torch.tensor([3, 3]), model_kwargs=dict(y=y), clip_denoised=True)
+    x0, eps = sd.denoise(model, "eps", x, torch.tensor([750, 750]), y, clip=True)
+    torch.testing.assert_close(sd.ddim_step(x0, eps, torch.tensor([500, 500])), out["sample"], rtol=1e-5, atol=1e-5)
+
+
+def test_consistency_function_is_the_identity_at_the_smallest_t():
+    student = sd.make_student(random_dit(), "eps", "x-eps", guidance=False).eval()
+    with torch.no_grad():
+        for p in student.final_layer.parameters():
+            p.normal_(0, 0.1)  # x~ no longer zero: the model's x_0 differs from x_t
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        at_zero = sd.consistency_function(student, x, torch.zeros(4, dtype=torch.long), y)
+        at_later = sd.consistency_function(student, x, torch.full((4,), 19), y)
+    assert torch.equal(at_zero, x)
+    assert (at_later - x).abs().max() > 1e-2
+
+
+def test_zero_initialised_w_embedding_leaves_the_model_unchanged():
+    teacher = random_dit()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999]), torch.tensor([1, 2, 3])
+    student = sd.make_student(teacher, "eps", "eps", guidance=True).eval()
+    assert student.w_embedder is not None and teacher.w_embedder is None
+    with torch.no_grad():
+        reference = teacher(x, t, y)
+        for w in (1.0, 2.5, 4.0):
+            assert torch.equal(student(x, t, y, w=torch.full((3,), w)), reference)
+    with pytest.raises(ValueError, match="needs the guidance scale"):
+        student(x, t, y)
+    with pytest.raises(ValueError, match="takes no w"):
+        teacher(x, t, y, w=torch.ones(3))
+
+
+def test_x_eps_student_starts_from_the_teachers_eps():
+    """Converted x-eps student: the eps channels are the teacher's, x~ is zero, so x_0 = alpha^2 x_0(eps)."""
+    teacher = random_dit(learn_sigma=False)
+    student = sd.make_student(teacher, "eps", "x-eps", guidance=False).eval()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        out = student(x, t, y)
+        assert torch.equal(out[:, :1], teacher(x, t, y)) and torch.equal(out[:, 1:], torch.zeros_like(out[:, 1:]))
+        x0_teacher, _ = sd.denoise(teacher, "eps", x, t, y)
+        x0_student, _ = sd.denoise(student, "x-eps", x, t, y)
+    alpha, _ = sd.alpha_sigma(t)
+    torch.testing.assert_close(x0_student, alpha ** 2 * x0_teacher, rtol=1e-4, atol=1e-5)
+
+
+def test_guided_teacher_output_matches_forward_with_cfg():
+    model = random_dit(4)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([4, 5])
+    with torch.no_grad():
+        guided = sd.model_output(model, x, t, y, w=torch.full((2,), 3.0))
+        null = torch.full_like(y, 10)
+        reference = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0)[:2]
+    torch.testing.assert_close(guided, reference, rtol=1e-5, atol=1e-6)
+
+
+#################################################################################
+#                         train.py and sample.py end to end                     #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    results = tmp_path_factory.mktemp("teacher")
+    run_script("train.py", "--model", "DiT-Digits-S", "--max-steps", 4, "--ckpt-every", 4, "--results-dir", results,
+               *TINY)
+    return str(results / "checkpoints" / "0000004.pt")
+
+
+METHOD_ARGS = {
+    "progressive": ["--progressive-start-steps", 8, "--sampling-steps", 2],
+    "consistency": ["--sampling-steps", 2, "--consistency-skip", 100],
+    "guidance": ["--guidance-range", 1, 3],
+}
+
+
+def step_args(method, teacher_ckpt, results_dir, *extra):
+    return ["--step-distillation", method, "--teacher-ckpt", teacher_ckpt, "--max-steps", 6,
+            "--results-dir", results_dir, *METHOD_ARGS[method], *TINY, *extra]
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teacher_ckpt, tmp_path):
+    uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
+    result = run_script("train.py", *step_args(method, teacher_ckpt, uninterrupted, "--ckpt-every", 2,
+                                               "--sample-every", 6))
+    assert f"[{method}" in result.stdout or "round" in result.stdout
+    # Kill a second run once its step-2 checkpoint exists, then rerun the same command: it resumes exactly.
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                                *map(str, step_args(method, teacher_ckpt, interrupted, "--ckpt-every", 2,
+                                                    "--sample-every", 6))],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoints" / "0000002.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = run_script("train.py", *step_args(method, teacher_ckpt, interrupted, "--ckpt-every", 2,
+                                               "--sample-every", 6))
+    assert "resumed from" in result.stdout
+    a, b = (load(d / "checkpoints" / "0000006.pt") for d in (uninterrupted, interrupted))
+    state_keys = {"progressive": ["round_teacher"], "consistency": ["consistency_target"], "guidance": []}[method]
+    for key in ["model", "ema", *state_keys]:
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resuming"
+    assert (uninterrupted / "samples" / "0000006.png").exists()
+    assert os.listdir(uninterrupted / "tensorboard")
+
+    # The checkpoint says what the model is; sample.py with no flags samples it its own way.
+    sampling = a["sampling"]
+    assert sampling["method"] == method
+    expected = {"progressive": ("x-eps", "ddim-trailing", 2), "consistency": ("x-eps", "consistency", 2),
+                "guidance": ("eps", None, None)}[method]
+    assert (sampling["parametrisation"], sampling["sampler"], sampling["default_steps"]) == expected
+    ckpt = str(uninterrupted / "checkpoints" / "0000006.pt")
+    model, data = load_dit_checkpoint(ckpt)
+    sampler, steps, cfg = sample.resolve_sampling(data["sampling"])
+    assert (sampler, steps) == ((expected[1], expected[2]) if method != "guidance" else ("ddpm", 250))
+    run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--npz", tmp_path / "s.npz",
+               "--num-samples", 10)
+    with np.load(tmp_path / "s.npz") as samples:
+        assert samples["arr_0"].shape == (10, 8, 8, 1)
+
+
+def test_progressive_rounds_hand_over_the_teacher(teacher_ckpt, tmp_path):
+    run_script("train.py", *step_args("progressive", teacher_ckpt, tmp_path, "--ckpt-every", 2))
+    log = (tmp_path / "log.txt").read_text()
+    assert "round 1/2: 8->4 steps" in log and "step 3: round 2/2: 4->2 steps" in log
+    at_handover, final = load(tmp_path / "checkpoints" / "0000004.pt"), load(tmp_path / "checkpoints" / "0000006.pt")
+    assert at_handover["round"] == 1 and final["round"] == 1
+    # round 2's teacher is round 1's EMA student (the EMA at step 3, which the step-4 checkpoint follows by one step)
+    assert at_handover["round_teacher_parametrisation"] == "x-eps"
+    assert all(torch.equal(at_handover["round_teacher"][k], final["round_teacher"][k]) for k in final["round_teacher"])
+
+
+def test_guidance_distilled_student_takes_w_in_one_forward(teacher_ckpt, tmp_path):
+    run_script("train.py", *step_args("guidance", teacher_ckpt, tmp_path, "--ckpt-every", 6))
+    model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
+    calls = []
+    model.x_embedder.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    sample.generate(model, data, [1, 2, 3], num_sampling_steps=4, sampler="ddim", cfg_scale=2.5, progress=False)
+    assert calls == [3] * 4  # one forward of the 3 samples per step, no doubled batch
+    with pytest.raises(ValueError, match=r"outside the guidance range this student was distilled for \[1.0, 3.0\]"):
+        sample.generate(model, data, [1], cfg_scale=4.0, progress=False)
+
+
+def test_consistency_sampler_is_deterministic_and_takes_any_step_count(teacher_ckpt, tmp_path):
+    run_script("train.py", *step_args("consistency", teacher_ckpt, tmp_path, "--ckpt-every", 6))
+    model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
+    for steps in (1, 2, 4, 8):
+        first = sample.generate(model, data, list(range(10)), seed=3, num_sampling_steps=steps, progress=False)
+        again = sample.generate(model, data, list(range(10)), seed=3, num_sampling_steps=steps, batch_size=4,
+                                progress=False)
+        torch.testing.assert_close(first, again, rtol=1e-5, atol=1e-5)
+        assert first.shape == (10, 1, 8, 8) and first.abs().max() <= 1
+    with pytest.raises(ValueError, match=r"samples in 1..10 steps, not 11"):
+        sample.generate(model, data, [1], num_sampling_steps=11, progress=False)
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("wrong sampler", ["--sampler", "ddim"], "made for the ddim-trailing sampler"),
+    ("steps it was not distilled for", ["--num-sampling-steps", "3"], "samples in 2 steps, not 3"),
+    ("guidance without a range", ["--cfg-scale", "2"], "distilled without guidance"),
+])
+def test_few_step_checkpoint_refuses_what_it_was_not_trained_for(case, extra, message, teacher_ckpt, tmp_path):
+    run_script("train.py", *step_args("progressive", teacher_ckpt, tmp_path, "--ckpt-every", 6))
+    result = run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000006.pt", "--out", tmp_path / "g.png",
+                        *extra, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, case
+
+
+def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
+    cases = [
+        (step_args("progressive", teacher_ckpt, tmp_path / "a", "--progressive-start-steps", 12),
+         "must be --sampling-steps 2 times a power of two"),
+        (step_args("consistency", teacher_ckpt, tmp_path / "b", "--consistency-skip", 7), "must divide 1000"),
+        (["--step-distillation", "guidance", "--teacher-ckpt", teacher_ckpt, "--max-steps", 2, "--results-dir",
+          tmp_path / "c"], "needs --guidance-range"),
+        (step_args("guidance", teacher_ckpt, tmp_path / "d", "--guidance-range", 3, 1), "WMIN <= WMAX"),
+        (step_args("progressive", teacher_ckpt, tmp_path / "e", "--student-model", "DiT-Digits-S"),
+         "student of the teacher's own architecture"),
+    ]
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    cases.append((step_args("consistency", str(not_a_checkpoint), tmp_path / "f"), "cannot be read as a DiT"))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    cases.append((step_args("consistency", str(foreign), tmp_path / "g"), "no model config"))
+    for argv, message in cases:
+        result = run_script("train.py", *argv, check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, \
+            (message, result.stderr[-2000:])
