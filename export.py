@@ -73,7 +73,9 @@ class Denoiser(nn.Module):
         self.null_label = model.config["num_classes"]
         self.cfg_channels = min(3, model.in_channels)  # forward_with_cfg's default: DiT guides 3 of 4 latent channels
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, w=None):
+        if w is not None:  # a guidance-distilled model: the guidance scale is an input, one forward
+            return self.model(x, t, y, w=w)  # (N, C_out, H, W)
         if self.cfg_scale is None:
             return self.model(x, t, y)  # (N, C_out, H, W)
         # forward_with_cfg halves its batch with len(x), which a trace would freeze; this is its first half.
@@ -104,6 +106,12 @@ def export_metadata(model, data, args, precision):
     config = model.config
     betas = get_named_beta_schedule("linear", DIFFUSION_STEPS)
     size, channels = config["input_size"], config["in_channels"]
+    sampling = data["sampling"]
+    takes_w = model.w_embedder is not None
+    w_input = {"w": f"float32 (N,) guidance scales in {sampling['guidance_range']}"} if takes_w else {}
+    head = ("eps~ then x~ (x-eps: x_0 = sigma_t^2 x~ + alpha_t (x_t - sigma_t eps~))"
+            if sampling["parametrisation"] == "x-eps" else
+            "eps" + (", then the learned variance" if config["learn_sigma"] else ""))
     return {
         "format": args.format, "precision": precision,
         "device": "any" if args.format == "onnx" else "cpu",  # a trace records the CPU for the tensors it creates
@@ -113,10 +121,10 @@ def export_metadata(model, data, args, precision):
         "latent_scale": LATENT_SCALE if data["latent"] else None,
         "cfg_scale": args.cfg_scale, "batch_size": None if args.dynamic_batch else args.batch_size,
         "inputs": {"x": f"float32 (N, {channels}, {size}, {size})", "t": "float32 (N,) timesteps in [0, 1000)",
-                   "y": f"int32 (N,) class labels in [0, {config['num_classes']})"},
-        "output": f"float32 (N, {model.out_channels}, {size}, {size}): eps"
-                  + (", then the learned variance" if config["learn_sigma"] else "")
+                   "y": f"int32 (N,) class labels in [0, {config['num_classes']})", **w_input},
+        "output": f"float32 (N, {model.out_channels}, {size}, {size}): {head}"
                   + (f", guided with scale {args.cfg_scale}" if args.cfg_scale is not None else ""),
+        "sampling": sampling,
         "diffusion": {"schedule": "linear", "num_timesteps": len(betas), "beta_start": float(betas[0]),
                       "beta_end": float(betas[-1])},
         "model_config": config, "source": os.path.basename(args.ckpt), "torch": torch.__version__,
@@ -127,12 +135,12 @@ def export_metadata(model, data, args, precision):
 #                                    Writers                                    #
 #################################################################################
 
-def batch_dims(dynamic):
-    """torch.export dynamic_shapes: one symbolic batch size shared by x, t and y (None: all static)."""
+def batch_dims(dynamic, names="xty"):
+    """torch.export dynamic_shapes: one symbolic batch size shared by x, t, y (and w) (None: all static)."""
     if not dynamic:
         return None
     batch = torch.export.Dim("batch", min=1, max=4096)
-    return {"x": {0: batch}, "t": {0: batch}, "y": {0: batch}}
+    return {name: {0: batch} for name in names}
 
 
 def write_torchscript(denoiser, example, path, metadata, dynamic):
@@ -149,7 +157,7 @@ def write_torchscript(denoiser, example, path, metadata, dynamic):
 
 
 def write_exported(denoiser, example, path, metadata, dynamic):
-    program = torch.export.export(denoiser, example, dynamic_shapes=batch_dims(dynamic))
+    program = torch.export.export(denoiser, example, dynamic_shapes=batch_dims(dynamic, "xtyw"[:len(example)]))
     torch.export.save(program, path, extra_files={METADATA_FILE: json.dumps(metadata)})
 
 
@@ -159,9 +167,10 @@ def write_onnx(denoiser, example, path, metadata, dynamic):
     with warnings.catch_warnings():
         # x, t and y share one batch symbol; the exporter notes that it keeps a single name for it.
         warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
-        program = torch.onnx.export(denoiser, example, None, input_names=["x", "t", "y"], output_names=["out"],
-                                    opset_version=ONNX_OPSET, dynamo=True, dynamic_shapes=batch_dims(dynamic),
-                                    verbose=False)
+        names = list("xtyw"[:len(example)])  # w: the guidance scale of a guidance-distilled model
+        program = torch.onnx.export(denoiser, example, None, input_names=names, output_names=["out"],
+                                    opset_version=ONNX_OPSET, dynamo=True,
+                                    dynamic_shapes=batch_dims(dynamic, names), verbose=False)
     for node in program.model.graph:  # drop the per-node debug records (stack traces with local paths, FX names)
         node.metadata_props.clear()
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
@@ -240,13 +249,17 @@ def quantize_onnx(fp32_path, int8_path, metadata):
 #################################################################################
 
 @torch.no_grad()
-def calibration_set(denoiser, config, num_samples, num_steps, seed=0):
+def calibration_set(denoiser, config, num_samples, num_steps, metadata, seed=0):
     """The inputs the exported graph sees along DDIM trajectories from pure noise, in visiting order.
 
     num_samples trajectories with labels spread evenly over the classes, every step of a num_steps DDIM run (the
     project's sampler, eta = 0), driven by the fp32 denoiser itself (guidance included when folded). Returns
-    {"x": float32 (M, C, H, W), "t": float32 (M,), "y": int32 (M,)} with M = num_samples * num_steps.
+    {"x": float32 (M, C, H, W), "t": float32 (M,), "y": int32 (M,)} with M = num_samples * num_steps. A step-distilled
+    student is driven through its own few-step sampler instead (run_exported.py's, at its default steps; then M =
+    num_samples * its steps), a guidance-distilled one at w = 1, both adding the w column when the model takes it.
     """
+    if metadata["sampling"]["sampler"] is not None or "w" in metadata["inputs"]:
+        return few_step_calibration_set(denoiser, config, num_samples, metadata, seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = copy.deepcopy(denoiser).to(device) if device != "cpu" else denoiser
     diffusion = create_diffusion(f"ddim{num_steps}", learn_sigma=config["learn_sigma"])
@@ -264,12 +277,28 @@ def calibration_set(denoiser, config, num_samples, num_steps, seed=0):
     return {"x": x, "t": t, "y": y}
 
 
+def few_step_calibration_set(denoiser, config, num_samples, metadata, seed):
+    """calibration_set for models that run_exported.py samples with their own sampler or a w input."""
+    from run_exported import sample as sample_exported
+    seen = []
+
+    def recorded(x, t, y, w=None):
+        seen.append((x, t, y) + (() if w is None else (w,)))
+        inputs = [torch.from_numpy(v) for v in seen[-1]]
+        return denoiser(*inputs).numpy()
+    labels = np.arange(num_samples) * config["num_classes"] // num_samples
+    sample_exported(recorded, metadata, labels, seed=seed)
+    columns = [np.concatenate(column) for column in zip(*seen)]
+    return dict(zip("xtyw", columns))
+
+
 #################################################################################
 #                     Verification in a fresh process, table                    #
 #################################################################################
 
-def verification_inputs(config, batch_sizes, seed=0):
-    """Fixed inputs {x_<B>, t_<B>, y_<B>} per batch size: unit Gaussian x, spread timesteps and labels."""
+def verification_inputs(config, batch_sizes, seed=0, guidance_range=None):
+    """Fixed inputs {x_<B>, t_<B>, y_<B>} per batch size: unit Gaussian x, spread timesteps and labels; and w_<B>,
+    guidance scales spread over guidance_range, for a guidance-distilled model."""
     generator = torch.Generator().manual_seed(seed)
     size, channels, classes = config["input_size"], config["in_channels"], config["num_classes"]
     inputs = {}
@@ -277,6 +306,9 @@ def verification_inputs(config, batch_sizes, seed=0):
         inputs[f"x_{batch}"] = torch.randn(batch, channels, size, size, generator=generator).numpy()
         inputs[f"t_{batch}"] = torch.randint(0, DIFFUSION_STEPS, (batch,), generator=generator).float().numpy()
         inputs[f"y_{batch}"] = torch.randint(0, classes, (batch,), generator=generator).int().numpy()
+        if guidance_range is not None:
+            low, high = guidance_range
+            inputs[f"w_{batch}"] = (low + (high - low) * torch.rand(batch, generator=generator)).numpy()
     return inputs
 
 
@@ -386,7 +418,12 @@ def main(args):
     if args.cfg_scale is not None and config["class_dropout_prob"] <= 0:
         raise ValueError("--cfg-scale needs the null label, but this model was trained without label dropout "
                          "(class_dropout_prob 0); drop --cfg-scale")
+    if args.cfg_scale is not None and model.w_embedder is not None:
+        raise ValueError(f"{args.ckpt} is guidance-distilled: the guidance scale is an input of the exported file "
+                         f"(w, in {data['sampling']['guidance_range']}); drop --cfg-scale")
     fp32 = Denoiser(model, args.cfg_scale).eval()
+    guidance_range = data["sampling"]["guidance_range"] if model.w_embedder is not None else None
+    keys = "xtyw" if guidance_range else "xty"
     fp32_path, int8_path, calib_path = output_paths(args)
     os.makedirs(os.path.dirname(os.path.abspath(fp32_path)), exist_ok=True)
 
@@ -394,10 +431,10 @@ def main(args):
         example_batch, batch_sizes = 2, VERIFY_BATCH_SIZES
     else:
         example_batch, batch_sizes = args.batch_size, (args.batch_size,)
-    example = verification_inputs(config, (example_batch,), seed=1)
-    example = tuple(torch.from_numpy(example[f"{k}_{example_batch}"]) for k in "xty")
-    inputs = verification_inputs(config, batch_sizes)
-    reference = {b: fp32(*(torch.from_numpy(inputs[f"{k}_{b}"]) for k in "xty")).numpy() for b in batch_sizes}
+    example = verification_inputs(config, (example_batch,), seed=1, guidance_range=guidance_range)
+    example = tuple(torch.from_numpy(example[f"{k}_{example_batch}"]) for k in keys)
+    inputs = verification_inputs(config, batch_sizes, guidance_range=guidance_range)
+    reference = {b: fp32(*(torch.from_numpy(inputs[f"{k}_{b}"]) for k in keys)).numpy() for b in batch_sizes}
 
     files = [(fp32_path, export_metadata(model, data, args, "fp32"))]
     WRITERS[args.format](fp32, example, *files[0], args.dynamic_batch)
@@ -415,7 +452,7 @@ def main(args):
     for result in results:
         result["model"] = os.path.basename(args.ckpt)
     if args.int8 and args.format == "onnx":
-        calibration = calibration_set(fp32, config, args.calib_samples, args.calib_steps)
+        calibration = calibration_set(fp32, config, args.calib_samples, args.calib_steps, files[0][1])
         np.savez(calib_path, **calibration)
         print(f"wrote {calib_path}: {len(calibration['t'])} (x, t, y) inputs along {args.calib_samples} DDIM "
               f"trajectories of {args.calib_steps} steps, for TensorRT's int8 calibration")

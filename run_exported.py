@@ -4,8 +4,10 @@
 
 Standalone on purpose: copy this file and a file written by export.py to the target (a Jetson, a server) and run it;
 it imports no project module. It reads the metadata export.py embeds in the file (image size, channels, classes,
-learned sigma, folded guidance, pixel or latent), builds DiT's linear beta schedule and runs deterministic DDIM
-(eta = 0) in numpy, as sample.py --sampler ddim does. Pixel-space models write an ADM-layout .npz: arr_0 uint8
+learned sigma, folded guidance, pixel or latent, how the model samples), builds DiT's linear beta schedule and runs
+in numpy the sampler the model was made for: deterministic DDIM (eta = 0) as sample.py --sampler ddim does, or a
+step-distilled student's own (ddim-trailing, consistency) in its few steps, with the guidance scale as an input for a
+guidance-distilled model. Pixel-space models write an ADM-layout .npz: arr_0 uint8
 (N, H, W, C) images, arr_1 int64 labels. Latent models write the raw latents instead (arr_0 float32 (N, C, h, w),
 in the scaled latent space): decoding them needs the Stable Diffusion VAE, which this runner does not carry, e.g.
 diffusers' AutoencoderKL.decode(latents / latent_scale) on a machine that has it.
@@ -28,7 +30,7 @@ METADATA_KEY = "dit_export"  # ONNX metadata_props key holding the metadata as J
 METADATA_FILE = "dit_export.json"  # the same JSON as an extra file inside TorchScript and .pt2 archives
 FORMATS = {".ts": "torchscript", ".onnx": "onnx", ".pt2": "exported"}
 WARMUP_RUNS = 3  # untimed runs per file and batch size before timing (first-call allocations, caches)
-PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "distill", "evaluate")
+PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "distill", "step_distill", "evaluate")
 
 
 @contextlib.contextmanager
@@ -52,7 +54,8 @@ def model_format(path):
 
 
 def load_denoiser(path, device="cpu", threads=None):
-    """(denoise, metadata) for an exported file; denoise(x float32, t float32, y int32) -> float32 numpy array.
+    """(denoise, metadata) for an exported file; denoise(x float32, t float32, y int32[, w float32]) -> float32 numpy
+    array (w: the guidance scales, an input of guidance-distilled models only).
 
     device is used for ONNX files only ("cuda" tries onnxruntime's CUDA provider); the others run on the CPU.
     threads: CPU threads of the runtime (None: its default, one per core).
@@ -72,8 +75,8 @@ def load_denoiser(path, device="cpu", threads=None):
         session = ort.InferenceSession(path, sess_options=options, providers=providers)
         metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
 
-        def denoise(x, t, y):
-            return session.run(None, {"x": x, "t": t, "y": y})[0]
+        def denoise(x, t, y, w=None):
+            return session.run(None, {"x": x, "t": t, "y": y, **({} if w is None else {"w": w})})[0]
     else:
         import torch
 
@@ -89,11 +92,12 @@ def load_denoiser(path, device="cpu", threads=None):
             module = torch.export.load(path, extra_files=extra_files).module()
         metadata = extra_files[METADATA_FILE]
 
-        def denoise(x, t, y):
+        def denoise(x, t, y, w=None):
             # TorchScript's optimising executor recompiles at each new batch size (seconds for DiT-S/2, stalls that
             # wreck latency); DiT's time is in its GEMMs, which the plain executor runs just as fast.
+            inputs = [torch.from_numpy(v) for v in (x, t, y) + (() if w is None else (w,))]
             with torch.inference_mode(), torch.jit.optimized_execution(False):
-                return module(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+                return module(*inputs).numpy()
     if not metadata:
         raise ValueError(f"{path} carries no DiT metadata ({METADATA_KEY}); export it with export.py")
     return denoise, json.loads(metadata)
@@ -145,14 +149,103 @@ def ddim_sample(denoise, noise, labels, metadata, num_steps):
     return x.astype(np.float32)
 
 
+# Step-distilled students (step_distill.py holds the torch originals; tests hold the two equal). Their files say
+# how they sample in metadata["sampling"]: the x-eps parametrisation, the sampler, its step counts and guidance range.
+EPS_SAMPLING = {"method": "plain", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
+                "guidance_range": None, "consistency_skip": None}
+CONSISTENCY_SIGMA_DATA, CONSISTENCY_TIMESTEP_SCALE = 0.5, 10.0  # LCM's boundary scalings, as step_distill.py
+
+
+def trailing_timesteps(num_steps, stride=1, num_timesteps=1000):
+    """num_steps timesteps from the last one down (trailing spacing), on the grid of every stride-th timestep."""
+    points = num_timesteps // stride
+    if not 1 <= num_steps <= points:
+        raise ValueError(f"cannot place {num_steps} steps on a grid of {points} timesteps")
+    return [stride * ((points * (num_steps - i) + num_steps // 2) // num_steps) - 1 for i in range(num_steps)]
+
+
+def x0_and_eps(output, x, alpha, sigma, parametrisation, clip):
+    """(x_0, eps) from a model output: eps, or x-eps (x_0 = sigma^2 x~ + alpha (x - sigma eps~)); clip re-derives
+    eps from the clamped x_0."""
+    channels = x.shape[1]
+    output = output.astype(np.float64)
+    if parametrisation == "eps":
+        eps = output[:, :channels]
+        x0 = (x - sigma * eps) / alpha
+    else:
+        x0 = sigma ** 2 * output[:, channels:2 * channels] + alpha * (x - sigma * output[:, :channels])
+        eps = None
+    if clip:
+        x0 = np.clip(x0, -1.0, 1.0)
+    if clip or eps is None:
+        eps = (x - alpha * x0) / sigma
+    return x0, eps
+
+
+def few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w=None):
+    """ddim-trailing (deterministic DDIM from t = 999, ending at x_0) or multistep consistency sampling (x_0 = f(x, t),
+    re-noised to the next grid point with step_noise[i]), as metadata["sampling"]["sampler"] says."""
+    sampling = metadata.get("sampling") or EPS_SAMPLING
+    alpha_bar = np.concatenate([[1.0], alphas_cumprod(metadata)])  # index t + 1: t = -1 is the clean end
+    clip = not metadata["latent"]
+    x, y = noise.astype(np.float64), labels.astype(np.int32)
+    extra = () if w is None else (np.full(len(x), w, dtype=np.float32),)
+
+    def predict(x, t):
+        alpha, sigma = np.sqrt(alpha_bar[t + 1]), np.sqrt(1 - alpha_bar[t + 1])
+        output = denoise(x.astype(np.float32), np.full(len(x), t, dtype=np.float32), y, *extra)
+        return x0_and_eps(output, x, alpha, sigma, sampling["parametrisation"], clip) + (alpha, sigma)
+
+    if sampling["sampler"] == "consistency":
+        grid = trailing_timesteps(num_steps, sampling["consistency_skip"])
+        for i, t in enumerate(grid):
+            x0, _, _, _ = predict(x, t)
+            scaled = CONSISTENCY_TIMESTEP_SCALE * t
+            c_skip = CONSISTENCY_SIGMA_DATA ** 2 / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
+            c_out = scaled / np.sqrt(scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
+            x0 = np.float32(c_skip) * x + np.float32(c_out) * x0
+            x0 = np.clip(x0, -1.0, 1.0) if clip else x0
+            if i + 1 < num_steps:
+                x = np.sqrt(alpha_bar[grid[i + 1] + 1]) * x0 + np.sqrt(1 - alpha_bar[grid[i + 1] + 1]) * step_noise[i]
+        return x0.astype(np.float32)
+    grid = trailing_timesteps(num_steps) + [-1]
+    for t, s in zip(grid[:-1], grid[1:]):
+        x0, eps, _, _ = predict(x, t)
+        x = np.sqrt(alpha_bar[s + 1]) * x0 + np.sqrt(1 - alpha_bar[s + 1]) * eps
+    return x.astype(np.float32)
+
+
+def sampling_plan(metadata, num_steps=None, cfg_scale=None):
+    """(sampler, steps, w) for a file: its own sampler and step count by default; w for a guidance-distilled one
+    (default 1 if its range holds it, else the range's low end). Errors say what the file supports."""
+    sampling = metadata.get("sampling") or EPS_SAMPLING
+    sampler = sampling["sampler"] or "ddim"
+    num_steps = num_steps or sampling["default_steps"] or 50
+    if sampling["steps"] and num_steps not in sampling["steps"]:
+        raise ValueError(f"this {sampling['method']}-distilled model samples in {sampling['steps'][0]}"
+                         f"{'..' + str(sampling['steps'][-1]) if len(sampling['steps']) > 1 else ''} steps, not "
+                         f"{num_steps}: drop --num-steps")
+    guidance_range = sampling["guidance_range"]
+    if guidance_range is None:
+        if cfg_scale is not None:
+            raise ValueError("this file takes no guidance scale (guidance is folded in at export time with "
+                             "export.py --cfg-scale, or absent): drop --cfg-scale")
+        return sampler, num_steps, None
+    w = cfg_scale if cfg_scale is not None else min(max(1.0, guidance_range[0]), guidance_range[1])
+    if not guidance_range[0] <= w <= guidance_range[1]:
+        raise ValueError(f"--cfg-scale {w} is outside the guidance range this model was distilled for "
+                         f"[{guidance_range[0]}, {guidance_range[1]}]")
+    return sampler, num_steps, w
+
+
 def batched(denoise, batch_size):
     """A denoiser that feeds denoise chunks of exactly batch_size rows (padding the last), for fixed-batch files."""
-    def run(x, t, y):
+    def run(x, t, y, *w):
         outputs = []
         for start in range(0, len(x), batch_size):
             count = min(batch_size, len(x) - start)
             rows = np.minimum(np.arange(start, start + batch_size), start + count - 1)  # repeat the last row
-            outputs.append(denoise(x[rows], t[rows], y[rows])[:count])
+            outputs.append(denoise(x[rows], t[rows], y[rows], *(v[rows] for v in w))[:count])
         return np.concatenate(outputs)
     return run
 
@@ -186,8 +279,11 @@ def write_png(path, images, min_side=64):
                 + chunk(b"IEND", b""))
 
 
-def sample(denoise, metadata, labels, num_steps=50, seed=0, batch_size=None):
-    """DDIM samples float32 (N, C, H, W) for labels, from load_denoiser's pair; the noise is numpy's, from seed."""
+def sample(denoise, metadata, labels, num_steps=None, seed=0, batch_size=None, cfg_scale=None):
+    """Samples float32 (N, C, H, W) for labels, from load_denoiser's pair, with the file's own sampler (DDIM for a
+    noise-predicting model, default 50 steps; a step-distilled student's sampler and steps); the noise is numpy's,
+    from seed. cfg_scale: the w input of a guidance-distilled model (one forward per step)."""
+    sampler, num_steps, w = sampling_plan(metadata, num_steps, cfg_scale)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0 or labels.max() >= metadata["num_classes"]:
         raise ValueError(f"class labels must be integers in [0, {metadata['num_classes']}), got {labels.tolist()}")
@@ -196,8 +292,16 @@ def sample(denoise, metadata, labels, num_steps=50, seed=0, batch_size=None):
         raise ValueError(f"the model was exported for batch size {fixed} only; drop --batch-size")
     denoise = batched(denoise, fixed or batch_size or len(labels))
     size, channels = metadata["input_size"], metadata["in_channels"]
-    noise = np.random.default_rng(seed).standard_normal((len(labels), channels, size, size), dtype=np.float32)
-    return ddim_sample(denoise, noise, labels, metadata, num_steps)
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((len(labels), channels, size, size), dtype=np.float32)
+    if sampler == "ddim" and w is None:
+        return ddim_sample(denoise, noise, labels, metadata, num_steps)
+    if sampler == "ddim":  # a guidance-distilled eps model: DDIM with its w input
+        return ddim_sample(lambda x, t, y: denoise(x, t, y, np.full(len(x), w, dtype=np.float32)), noise, labels,
+                           metadata, num_steps)
+    step_noise = rng.standard_normal((max(num_steps - 1, 0), len(labels), channels, size, size), dtype=np.float32) \
+        if sampler == "consistency" else None
+    return few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w)
 
 
 #################################################################################
@@ -205,7 +309,8 @@ def sample(denoise, metadata, labels, num_steps=50, seed=0, batch_size=None):
 #################################################################################
 
 def run_files(paths, inputs_path, outputs_folder, repeats=0, threads=None):
-    """Run exported files on the batches in inputs_path (x_<B>, t_<B>, y_<B>); outputs go to outputs_folder/<i>.npz.
+    """Run exported files on the batches in inputs_path (x_<B>, t_<B>, y_<B>[, w_<B>]); outputs go to
+    outputs_folder/<i>.npz.
 
     export.py calls this in a fresh Python process holding a copy of this file only, so nothing of the project is
     importable. With repeats > 0 every batch is also timed on the CPU, the files interleaved run by run so that load
@@ -215,7 +320,7 @@ def run_files(paths, inputs_path, outputs_folder, repeats=0, threads=None):
     denoisers = [load_denoiser(path, "cpu", threads)[0] for path in paths]
     inputs = np.load(inputs_path)
     batches = sorted((key[2:] for key in inputs.files if key.startswith("x_")), key=int)
-    feeds = {b: (inputs[f"x_{b}"], inputs[f"t_{b}"], inputs[f"y_{b}"]) for b in batches}
+    feeds = {b: tuple(inputs[f"{k}_{b}"] for k in "xtyw" if f"{k}_{b}" in inputs.files) for b in batches}
     for i, denoise in enumerate(denoisers):
         np.savez(os.path.join(outputs_folder, f"{i}.npz"), **{f"out_{b}": denoise(*feeds[b]) for b in batches})
     latency = [{} for _ in paths]
@@ -249,7 +354,7 @@ def main(args):
         labels = range(min(10, metadata["num_classes"]))
     labels = np.asarray(list(labels), dtype=np.int64)
     start = time.perf_counter()
-    samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size)
+    samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size, args.cfg_scale)
     seconds = time.perf_counter() - start
     if metadata["latent"]:
         np.savez(args.out, arr_0=samples, arr_1=labels)
@@ -269,8 +374,12 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a file written by export.py: .ts (TorchScript), .onnx or .pt2 (torch.export)")
-    parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps (an integer stride of 1000 must give "
-                        "exactly this many: 25, 50, 100, 250, ...)")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="sampling steps (default: a step-distilled model's own, else 50 DDIM steps; for DDIM an "
+                             "integer stride of 1000 must give exactly this many: 25, 50, 100, 250, ...)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="guidance scale w of a guidance-distilled model, an input of its file (one forward per "
+                             "step; default 1, or the low end of its range); other files fold guidance at export")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="one sample per label (default: the first min(10, num_classes) classes)")
@@ -290,7 +399,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.error(f"--out {args.out} must end in .npz")
-    if args.num_steps < 1 or args.num_samples is not None and args.num_samples < 1:
+    if args.num_steps is not None and args.num_steps < 1 or args.num_samples is not None and args.num_samples < 1:
         parser.error("--num-steps and --num-samples must be at least 1")
     if args.batch_size is not None and args.batch_size < 1 or args.threads is not None and args.threads < 1:
         parser.error("--batch-size and --threads must be at least 1")

@@ -293,3 +293,74 @@ def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
         result = run_script("train.py", *argv, check=False)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, \
             (message, result.stderr[-2000:])
+
+
+#################################################################################
+#              Export: the numpy runner's samplers and exported files           #
+#################################################################################
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_numpy_runner_samplers_equal_the_torch_samplers(method, teacher_ckpt, tmp_path):
+    import run_exported
+    run_script("train.py", *step_args(method, teacher_ckpt, tmp_path, "--ckpt-every", 6))
+    model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
+    with torch.no_grad():
+        for p in model.final_layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # x~ away from zero, so the x-eps head matters
+
+    def denoise(x, t, y, w=None):
+        with torch.no_grad():
+            return model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+    metadata = {"diffusion": {"schedule": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+                "latent": False, "sampling": data["sampling"]}
+    rng = np.random.default_rng(0)
+    labels = np.arange(6) % 10
+    noise = rng.standard_normal((6, 1, 8, 8)).astype(np.float32)
+    step_noise = rng.standard_normal((3, 6, 1, 8, 8)).astype(np.float32)
+    for steps in (1, 2, 4):
+        ours = run_exported.few_step_sample(denoise, noise, step_noise, labels, metadata, steps)
+        y = torch.from_numpy(labels)
+        if method == "progressive":
+            reference = sd.ddim_trailing_sample(model, "x-eps", torch.from_numpy(noise), y, steps, clip=True)
+        else:
+            reference = sd.consistency_sample(model, torch.from_numpy(noise), torch.from_numpy(step_noise), y, steps,
+                                              data["sampling"]["consistency_skip"], clip=True)
+        np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["consistency", "guidance"])
+def test_few_step_and_guidance_students_export_and_sample_standalone(method, teacher_ckpt, tmp_path):
+    import export
+    import run_exported
+    run_script("train.py", *step_args(method, teacher_ckpt, tmp_path / "run", "--ckpt-every", 6))
+    ckpt = str(tmp_path / "run" / "checkpoints" / "0000006.pt")
+    for fmt, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
+        out = str(tmp_path / f"student{extension}")
+        extra = ["--calib-samples", "2"] if fmt == "onnx" else []
+        results = export.main(export.parse_args(["--ckpt", ckpt, "--format", fmt, "--int8", "--dynamic-batch",
+                                                 "--out", out, "--repeats", "1", *extra]))
+        assert [r["precision"] for r in results] == ["fp32", "int8"] and results[0]["relative_error"] < 1e-5
+        denoise, metadata = run_exported.load_denoiser(out)
+        assert metadata["sampling"]["method"] == method
+        if method == "guidance":
+            assert "w" in metadata["inputs"]
+            model, _ = load_dit_checkpoint(ckpt)
+            x, t, y = np.ones((2, 1, 8, 8), np.float32), np.array([10, 900], np.float32), np.array([1, 2], np.int32)
+            w = np.array([1.5, 3.0], np.float32)
+            with torch.no_grad():
+                reference = model(*map(torch.from_numpy, (x, t, y)), w=torch.from_numpy(w)).numpy()
+            np.testing.assert_allclose(denoise(x, t, y, w), reference, rtol=1e-4, atol=1e-5)
+        samples = run_exported.sample(denoise, metadata, list(range(10)), seed=1,
+                                      cfg_scale=2.0 if method == "guidance" else None)
+        assert samples.shape == (10, 1, 8, 8) and np.isfinite(samples).all()
+    if method == "consistency":
+        calibration = np.load(str(tmp_path / "student_calib.npz"))
+        assert sorted(set(calibration["t"].tolist()), reverse=True) == [999.0, 499.0]  # its own 2-step grid
+        with pytest.raises(ValueError, match="takes no guidance scale"):
+            run_exported.sample(denoise, metadata, [1], cfg_scale=2.0)
+    else:
+        with pytest.raises(ValueError, match="outside the guidance range"):
+            run_exported.sample(denoise, metadata, [1], cfg_scale=5.0)
+        with pytest.raises(ValueError, match="guidance-distilled"):
+            export.main(export.parse_args(["--ckpt", ckpt, "--format", "onnx", "--cfg-scale", "2", "--out",
+                                           str(tmp_path / "x.onnx")]))
