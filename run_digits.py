@@ -3,10 +3,11 @@
     python run_digits.py --out results/digits
 
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
---distillation), 3. trains the same student from scratch for the same number of steps, 4. samples all three with the
-same classes and noise (teacher.npz, student.npz, scratch.npz), 5. scores them (evaluate.py), 6. exports the student
-(export.py, fp32 and int8) and scores samples made through every exported file (run_exported.py), 7. writes
-report.md, a side-by-side grid and the loss curves into --out. Every step is reused when its output already exists, so
+--distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
+student into the shipped few-step model (train.py --step-distillation, 4 steps, OUT/fewstep), 5. samples all four with
+the same classes and initial noise (teacher.npz, student.npz, scratch.npz, fewstep.npz), 6. scores them (evaluate.py),
+7. exports the distilled and the few-step student (export.py, fp32 and int8) and scores samples made through every
+exported file (run_exported.py), 8. writes report.md, a side-by-side grid and the loss curves into --out. Every step is reused when its output already exists, so
 rerunning after a stop continues where it stopped.
 """
 import argparse
@@ -22,6 +23,11 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER, STUDENT = "DiT-Digits-T", "DiT-Digits-S"
 TRAINING = ["--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.995", "--log-every", "100"]
+# Step distillation of the distilled student into the shipped few-step model: fine-tuning from its own weights, at half
+# the learning rate; the EMA's time constant (100 steps) stays well below a progressive round.
+FEWSTEP_TRAINING = ["--global-batch-size", "128", "--lr", "1e-3", "--ema-decay", "0.99", "--log-every", "100"]
+FEWSTEP_METHOD_FLAGS = {"progressive": ["--progressive-start-steps", "32"], "consistency": []}
+NAMES = ("teacher", "student", "scratch", "fewstep")
 
 
 def run(script, *arguments):
@@ -36,7 +42,8 @@ def final_checkpoint(results_dir, steps):
 
 
 def train_models(args):
-    """Teacher, distilled student and scratch student; train.py resumes or skips what is already done."""
+    """Teacher, distilled student, scratch student and the few-step student (the distilled student, step-distilled);
+    train.py resumes or skips what is already done."""
     teacher_dir, student_dir, scratch_dir = (os.path.join(args.out, n) for n in ("teacher", "student", "scratch"))
     student_steps = args.warmup_steps + args.feature_steps + args.joint_steps
     run("train.py", "--model", TEACHER, "--max-steps", args.teacher_steps, "--ckpt-every", args.teacher_steps,
@@ -48,8 +55,14 @@ def train_models(args):
         "--seed", args.seed, *TRAINING)
     run("train.py", "--model", STUDENT, "--max-steps", student_steps, "--ckpt-every", student_steps,
         "--results-dir", scratch_dir, "--seed", args.seed, *TRAINING)
-    return {"teacher": teacher_ckpt, "student": final_checkpoint(student_dir, student_steps),
-            "scratch": final_checkpoint(scratch_dir, student_steps)}
+    student_ckpt = final_checkpoint(student_dir, student_steps)
+    fewstep_dir = os.path.join(args.out, "fewstep")
+    run("train.py", "--step-distillation", args.fewstep_method, "--teacher-ckpt", student_ckpt,
+        "--sampling-steps", args.fewstep_sampling_steps, *FEWSTEP_METHOD_FLAGS[args.fewstep_method],
+        "--max-steps", args.fewstep_steps, "--ckpt-every", args.fewstep_steps, "--results-dir", fewstep_dir,
+        "--seed", args.seed, *FEWSTEP_TRAINING)
+    return {"teacher": teacher_ckpt, "student": student_ckpt, "scratch": final_checkpoint(scratch_dir, student_steps),
+            "fewstep": final_checkpoint(fewstep_dir, args.fewstep_steps)}
 
 
 def sample_all(args, checkpoints):
@@ -64,41 +77,50 @@ def sample_all(args, checkpoints):
     for name, (model, data) in loaded.items():
         npz = os.path.join(args.out, f"{name}.npz")
         if not os.path.exists(npz):
-            images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.steps, sampler="ddim",
-                              cfg_scale=args.cfg_scale, batch_size=500, progress=True)
+            images = generate(model, data, labels, seed=args.seed, batch_size=500, progress=True,
+                              **sampling_settings(args, data))
             save_npz(npz, images, labels)
     timings = {name: [] for name in loaded}
     for _ in range(3):
         for name, (model, data) in loaded.items():
             start = time.perf_counter()
-            generate(model, data, labels[:args.timing_samples], seed=args.seed, num_sampling_steps=args.steps,
-                     sampler="ddim", cfg_scale=args.cfg_scale, batch_size=args.timing_samples, progress=False)
+            generate(model, data, labels[:args.timing_samples], seed=args.seed, batch_size=args.timing_samples,
+                     progress=False, **sampling_settings(args, data))
             timings[name].append((time.perf_counter() - start) / args.timing_samples)
     return {name: float(np.median(seconds)) for name, seconds in timings.items()}
+
+
+def sampling_settings(args, data):
+    """DDIM --steps for the diffusion models; the few-step student's own sampler and steps (unguided)."""
+    if data["sampling"]["sampler"] is not None:
+        return dict(sampler=None, num_sampling_steps=None, cfg_scale=1.0)
+    return dict(sampler="ddim", num_sampling_steps=args.steps, cfg_scale=args.cfg_scale)
 
 
 def score_all(args):
     from evaluate import digits_reference_scores, digits_scores
     cache = os.path.join(args.out, "digits_scorer")
     scores = {}
-    for name in ("teacher", "student", "scratch"):
+    for name in NAMES:
         with np.load(os.path.join(args.out, f"{name}.npz")) as samples:
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"], cache_dir=cache)
     scores["real"] = digits_reference_scores(cache_dir=cache)
     return scores
 
 
-def export_student(args, checkpoint):
-    """TorchScript (libtorch, a Jetson's CPU) and ONNX (TensorRT), each fp32 + int8, verified by export.py."""
+def export_students(args, checkpoints):
+    """The distilled and the few-step student: TorchScript (libtorch, a Jetson's CPU) and ONNX (TensorRT), each
+    fp32 + int8, verified by export.py."""
     exported = {}
-    guidance = ["--cfg-scale", args.cfg_scale] if args.cfg_scale != 1 else []
-    for form, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
-        out = os.path.join(args.out, "export", "student" + extension)
-        int8 = out[: -len(extension)] + "_int8" + extension
-        if not (os.path.exists(out) and os.path.exists(int8)):
-            run("export.py", "--ckpt", checkpoint, "--format", form, "--int8", "--dynamic-batch", *guidance,
-                "--out", out)
-        exported[form], exported[form + " int8"] = out, int8
+    for name in ("student", "fewstep"):
+        guidance = ["--cfg-scale", args.cfg_scale] if args.cfg_scale != 1 and name == "student" else []
+        for form, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
+            out = os.path.join(args.out, "export", name + extension)
+            int8 = out[: -len(extension)] + "_int8" + extension
+            if not (os.path.exists(out) and os.path.exists(int8)):
+                run("export.py", "--ckpt", checkpoints[name], "--format", form, "--int8", "--dynamic-batch",
+                    *guidance, "--out", out)
+            exported[f"{name} {form}"], exported[f"{name} {form} int8"] = out, int8
     return exported
 
 
@@ -108,9 +130,9 @@ def score_exports(args, exported):
     scores = {}
     for name, path in exported.items():
         npz = path + ".samples.npz"
-        if not os.path.exists(npz):
-            run("run_exported.py", path, "--num-steps", args.steps, "--seed", args.seed, "--out", npz,
-                "--num-samples", args.num_samples)
+        if not os.path.exists(npz):  # the few-step files sample with their own sampler and steps
+            steps = [] if name.startswith("fewstep") else ["--num-steps", args.steps]
+            run("run_exported.py", path, *steps, "--seed", args.seed, "--out", npz, "--num-samples", args.num_samples)
         with np.load(npz) as samples:
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
                                          cache_dir=os.path.join(args.out, "digits_scorer"))
@@ -119,10 +141,11 @@ def score_exports(args, exported):
 
 
 def save_comparison_grid(args):
-    """Teacher / distilled student / scratch student, one row each, for the same classes and initial noise."""
+    """Teacher / distilled student / scratch student / few-step student, one row each, for the same classes and
+    initial noise."""
     from torchvision.utils import save_image
     rows = []
-    for name in ("teacher", "student", "scratch"):
+    for name in NAMES:
         with np.load(os.path.join(args.out, f"{name}.npz")) as samples:
             images = torch.from_numpy(samples["arr_0"][:10]).permute(0, 3, 1, 2).float() / 255  # (10, C, H, W)
         rows.append(torch.nn.functional.interpolate(images, scale_factor=6, mode="nearest"))
@@ -136,14 +159,15 @@ def save_loss_curves(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for axis, name in zip(axes, ("teacher", "student", "scratch")):
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for axis, name in zip(axes, NAMES):
         events = EventAccumulator(os.path.join(args.out, name, "tensorboard"))
         events.Reload()
         for tag in sorted(t for t in events.Tags()["scalars"] if t.startswith("loss/")):
             steps, values = zip(*[(e.step, e.value) for e in events.Scalars(tag)])
             axis.plot(steps, values, label=tag[len("loss/"):])
-        axis.set_title({"teacher": "teacher", "student": "distilled student", "scratch": "student from scratch"}[name])
+        axis.set_title({"teacher": "teacher", "student": "distilled student", "scratch": "student from scratch",
+                        "fewstep": f"few-step student ({args.fewstep_method})"}[name])
         axis.set_xlabel("step")
         axis.set_yscale("log")
         axis.legend(fontsize=7)
@@ -157,27 +181,34 @@ def save_loss_curves(args):
 def write_report(args, checkpoints, timings, scores, exported, export_scores):
     from bench import flops_per_forward
     from models import load_dit_checkpoint
-    lines = ["# Digits: teacher, distilled student, student from scratch", "",
+    lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
              f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "
-             f"per model (classes 0-9 in turn, the same initial noise for every model), DDIM {args.steps} steps, "
-             f"cfg scale {args.cfg_scale}. Scores from evaluate.py's digits classifier (held-out real digits: "
+             f"per model (classes 0-9 in turn, the same initial noise for every model), DDIM {args.steps} steps "
+             f"(the few-step student: its own sampler and steps), cfg scale {args.cfg_scale} (the few-step student: "
+             f"1). Scores from evaluate.py's digits classifier (held-out real digits: "
              f"accuracy {scores['real']['accuracy']:.3f}, Frechet distance floor {scores['real']['frechet']:.2f}).",
-             "", "| model | parameters | GFLOPs / forward | sampling time vs teacher | class accuracy | "
-                 "Frechet distance |", "|---|---:|---:|---:|---:|---:|"]
+             "", "| model | parameters | GFLOPs / forward | forwards / image | sampling time vs teacher | "
+                 "class accuracy | Frechet distance |", "|---|---:|---:|---:|---:|---:|---:|"]
     names = {"teacher": f"teacher ({TEACHER})", "student": f"distilled student ({STUDENT})",
-             "scratch": f"scratch student ({STUDENT})"}
+             "scratch": f"scratch student ({STUDENT})",
+             "fewstep": f"few-step student ({STUDENT}, {args.fewstep_method}-distilled from the distilled student)"}
     for name, path in checkpoints.items():
-        model, _ = load_dit_checkpoint(path)
+        model, data = load_dit_checkpoint(path)
         parameters = sum(p.numel() for p in model.parameters())
         gflops = flops_per_forward(model.config) / 2 / 1e9  # multiply-adds, as the DiT paper counts
-        lines.append(f"| {names[name]} | {parameters:,} | {gflops:.4f} | {timings[name] / timings['teacher']:.2f} | "
-                     f"{scores[name]['accuracy']:.3f} | {scores[name]['frechet']:.2f} |")
-    lines += ["", "![teacher / distilled student / scratch student](comparison.png)", "",
-              "Rows: teacher, distilled student, scratch student; columns: classes 0-9.", "",
+        settings = sampling_settings(args, data)
+        steps = settings["num_sampling_steps"] or data["sampling"]["default_steps"]
+        forwards = steps * (2 if settings["cfg_scale"] != 1 else 1)
+        lines.append(f"| {names[name]} | {parameters:,} | {gflops:.4f} | {forwards} | "
+                     f"{timings[name] / timings['teacher']:.3f} | {scores[name]['accuracy']:.3f} | "
+                     f"{scores[name]['frechet']:.2f} |")
+    lines += ["", "![teacher / distilled / scratch / few-step student](comparison.png)", "",
+              "Rows: teacher, distilled student, scratch student, few-step student; columns: classes 0-9.", "",
               "![loss curves](loss_curves.png)", "",
-              "Exported student, sampled with the standalone runner (run_exported.py: DDIM "
-              f"{args.steps} steps, the same {args.num_samples} labels and numpy noise for every file, so int8 is "
-              "compared with fp32 on equal terms; its noise differs from sample.py's, so compare within this table):",
+              "Exported students, sampled with the standalone runner (run_exported.py: DDIM "
+              f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
+              "and numpy noise for every file, so int8 is compared with fp32 on equal terms; its noise differs from "
+              "sample.py's, so compare within this table):",
               "", "| file | MB | class accuracy | Frechet distance |", "|---|---:|---:|---:|"]
     for name, path in exported.items():
         lines.append(f"| {os.path.relpath(path, args.out)} | {export_scores[name]['megabytes']:.2f} | "
@@ -200,13 +231,18 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-steps", type=int, default=300, help="student warmup steps (+ feature KD)")
     parser.add_argument("--feature-steps", type=int, default=600, help="student steps adding output (noise) KD")
     parser.add_argument("--joint-steps", type=int, default=900, help="student steps adding the tempered KL")
+    parser.add_argument("--fewstep-method", choices=list(FEWSTEP_METHOD_FLAGS), default="progressive",
+                        help="step distillation of the distilled student into the shipped few-step model")
+    parser.add_argument("--fewstep-steps", type=int, default=900, help="its training steps")
+    parser.add_argument("--fewstep-sampling-steps", type=int, default=4, help="the steps it samples in")
     parser.add_argument("--num-samples", type=int, default=500, help="samples per model for the scores")
     parser.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
     args = parser.parse_args(argv)
-    if min(args.teacher_steps, args.num_samples, args.steps, args.timing_samples) < 1:
-        parser.error("--teacher-steps, --num-samples, --steps and --timing-samples must be at least 1")
+    if min(args.teacher_steps, args.num_samples, args.steps, args.timing_samples, args.fewstep_steps,
+           args.fewstep_sampling_steps) < 1:
+        parser.error("--teacher-steps, --num-samples, --steps, --timing-samples and --fewstep-* must be at least 1")
     return args
 
 
@@ -215,7 +251,7 @@ def main(args):
     checkpoints = train_models(args)
     timings = sample_all(args, checkpoints)
     scores = score_all(args)
-    exported = export_student(args, checkpoints["student"])
+    exported = export_students(args, checkpoints)
     export_scores = score_exports(args, exported)
     save_comparison_grid(args)
     save_loss_curves(args)

@@ -8,7 +8,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--teacher-steps", "4", "--warmup-steps", "2", "--feature-steps", "2", "--joint-steps", "2",
-        "--num-samples", "20", "--steps", "3", "--timing-samples", "4"]
+        "--num-samples", "20", "--steps", "3", "--timing-samples", "4", "--fewstep-steps", "3"]
 
 
 def run(script, *arguments):
@@ -21,24 +21,31 @@ def run(script, *arguments):
 def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     out = tmp_path / "digits"
     run("run_digits.py", "--out", str(out), *TINY)
-    for name in ("teacher.npz", "student.npz", "scratch.npz", "report.md", "comparison.png", "loss_curves.png",
-                 "scores.json", "export/student.ts", "export/student_int8.ts", "export/student.onnx",
-                 "export/student_int8.onnx", "export/student_calib.npz"):
+    for name in ("teacher.npz", "student.npz", "scratch.npz", "fewstep.npz", "report.md", "comparison.png",
+                 "loss_curves.png", "scores.json", "fewstep/checkpoints/0000003.pt"):
         assert (out / name).exists(), name
+    for model in ("student", "fewstep"):
+        for name in (".ts", "_int8.ts", ".onnx", "_int8.onnx", "_calib.npz"):
+            assert (out / "export" / (model + name)).exists(), model + name
     with np.load(out / "student.npz") as samples:
         assert samples["arr_0"].shape == (20, 8, 8, 1) and samples["arr_0"].dtype == np.uint8
         assert samples["arr_1"].tolist() == [i % 10 for i in range(20)]
     report = (out / "report.md").read_text()
-    for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)"):
+    for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)",
+                "few-step student (DiT-Digits-S, progressive-distilled from the distilled student) | 330,248 | "):
         assert row in report
+    fewstep_row = next(line for line in report.splitlines() if line.startswith("| few-step student"))
+    assert fewstep_row.split(" | ")[3] == "4"  # forwards per image: its 4 steps
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores["scores"]) == {"teacher", "student", "scratch", "real"}
+    assert set(scores["scores"]) == {"teacher", "student", "scratch", "fewstep", "real"}
     # Samples made through every exported file, fp32 and int8, scored side by side.
-    assert set(scores["exports"]) == {"torchscript", "torchscript int8", "onnx", "onnx int8"}
-    for name in ("student.ts", "student_int8.ts", "student.onnx", "student_int8.onnx"):
-        assert f"| export/{name} |" in report
-        with np.load(out / "export" / f"{name}.samples.npz") as samples:
-            assert samples["arr_0"].shape == (20, 8, 8, 1)
+    assert set(scores["exports"]) == {f"{model} {form}" for model in ("student", "fewstep")
+                                      for form in ("torchscript", "torchscript int8", "onnx", "onnx int8")}
+    for model in ("student", "fewstep"):
+        for name in (".ts", "_int8.ts", ".onnx", "_int8.onnx"):
+            assert f"| export/{model}{name} |" in report
+            with np.load(out / "export" / f"{model}{name}.samples.npz") as samples:
+                assert samples["arr_0"].shape == (20, 8, 8, 1)
 
     npz_mtime = (out / "student.npz").stat().st_mtime
     result = run("run_digits.py", "--out", str(out), *TINY)  # a rerun trains and samples nothing again
