@@ -299,8 +299,9 @@ def latest_checkpoint(args, logger):
 def check_resumable(saved_args, args):
     # Progressive rounds split --max-steps evenly, so there it fixes where each round starts.
     resumable = RESUMABLE_CHANGES - {"max_steps"} if args.step_distillation == "progressive" else RESUMABLE_CHANGES
-    changed = {k: (saved_args.get(k), v) for k, v in vars(args).items()
-               if k not in resumable and saved_args.get(k) != v}
+    parser = build_parser()  # a flag newer than the saved run counts as given at its default
+    saved_args = {k: saved_args.get(k, parser.get_default(k)) for k in vars(args)}
+    changed = {k: (saved_args[k], v) for k, v in vars(args).items() if k not in resumable and saved_args[k] != v}
     if changed:
         details = ", ".join(f"--{k.replace('_', '-')}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise SystemExit(f"error: {args.results_dir} holds a run with other options ({details}); rerun the same "
@@ -580,6 +581,13 @@ def check_step_distillation_args(parser, args):
 
 
 def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description="Train a DiT, or distill a teacher DiT into a student "
                                                  "(warmup -> feature -> joint stages).")
     data = parser.add_argument_group("data (default: the embedded scikit-learn digits)")
@@ -673,7 +681,10 @@ def parse_args(argv=None):
     run.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and at the end)")
     run.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: none)")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser, args):
     if args.step_distillation:
         check_step_distillation_args(parser, args)
     elif args.distillation:
@@ -722,7 +733,6 @@ def parse_args(argv=None):
         args.vae = "ema"
     if args.num_workers is None:
         args.num_workers = 0 if not (args.data_path or args.latents_path) else 4
-    return args
 
 
 if __name__ == "__main__":
