@@ -254,8 +254,8 @@ def make_student(teacher, teacher_parametrisation, parametrisation, guidance):
     source = position[kept] * teacher_out + channel[kept]
     weight = torch.zeros_like(student.final_layer.linear.weight)
     bias = torch.zeros_like(student.final_layer.linear.bias)
-    weight[kept] = teacher.final_layer.linear.weight.detach()[source]
-    bias[kept] = teacher.final_layer.linear.bias.detach()[source]
+    weight[kept] = teacher.final_layer.linear.weight.detach()[source].to(weight.dtype)  # a bf16 teacher too
+    bias[kept] = teacher.final_layer.linear.bias.detach()[source].to(bias.dtype)
     state["final_layer.linear.weight"], state["final_layer.linear.bias"] = weight, bias
     load_state_dict_strict(student, state, "the teacher")
     return student

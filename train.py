@@ -571,6 +571,14 @@ def check_step_distillation_args(parser, args):
         parser.error("--step-distillation needs --max-steps N (N >= 1)")
     if args.sampling_steps < 1 or args.progressive_start_steps < 2 or args.consistency_skip < 1:
         parser.error("--sampling-steps and --consistency-skip must be at least 1, --progressive-start-steps 2")
+    method_flags = {"progressive": ("progressive_start_steps", "sampling_steps"),
+                    "consistency": ("consistency_skip", "consistency_target_decay", "sampling_steps"),
+                    "guidance": ()}
+    foreign = [k for k in STEP_FLAGS if k != "guidance_range" and k not in method_flags[args.step_distillation]
+               and getattr(args, k) != parser.get_default(k)]
+    if foreign:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} do(es) not apply to "
+                     f"--step-distillation {args.step_distillation}")
     if not 0 <= args.consistency_target_decay < 1:
         parser.error("--consistency-target-decay must lie in [0, 1)")
     if args.guidance_range is not None:

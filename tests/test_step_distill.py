@@ -272,6 +272,24 @@ def test_few_step_checkpoint_refuses_what_it_was_not_trained_for(case, extra, me
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, case
 
 
+def test_two_processes_match_one_and_bf16_runs(teacher_ckpt, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train.py", *step_args("consistency", teacher_ckpt, one, "--ckpt-every", 6, "--guidance-range", 1, 3))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"),
+                             *map(str, step_args("consistency", teacher_ckpt, two, "--ckpt-every", 6,
+                                                 "--guidance-range", 1, 3))],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (load(d / "checkpoints" / "0000006.pt") for d in (one, two))
+    for key in ("model", "consistency_target"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-4, atol=1e-5)
+    run_script("train.py", *step_args("progressive", teacher_ckpt, tmp_path / "bf16", "--ckpt-every", 6,
+                                      "--precision", "bf16"))
+    assert torch.isfinite(load(tmp_path / "bf16" / "checkpoints" / "0000006.pt")["model"]["final_layer.linear.weight"]).all()
+
+
 def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
     cases = [
         (step_args("progressive", teacher_ckpt, tmp_path / "a", "--progressive-start-steps", 12),
@@ -282,6 +300,8 @@ def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
         (step_args("guidance", teacher_ckpt, tmp_path / "d", "--guidance-range", 3, 1), "WMIN <= WMAX"),
         (step_args("progressive", teacher_ckpt, tmp_path / "e", "--student-model", "DiT-Digits-S"),
          "student of the teacher's own architecture"),
+        (step_args("guidance", teacher_ckpt, tmp_path / "h", "--consistency-skip", 50),
+         "--consistency-skip do(es) not apply to --step-distillation guidance"),
     ]
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("not a checkpoint")
