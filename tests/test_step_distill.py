@@ -247,6 +247,21 @@ def test_guidance_distilled_student_takes_w_in_one_forward(teacher_ckpt, tmp_pat
         sample.generate(model, data, [1], cfg_scale=4.0, progress=False)
 
 
+def test_sample_ddp_uses_the_checkpoints_sampler(teacher_ckpt, tmp_path):
+    import json
+    run_script("train.py", *step_args("consistency", teacher_ckpt, tmp_path / "run", "--ckpt-every", 6))
+    ckpt = tmp_path / "run" / "checkpoints" / "0000006.pt"
+    run_script("sample_ddp.py", "--ckpt", ckpt, "--num-samples", 12, "--chunk-size", 6, "--sample-dir",
+               tmp_path / "samples")
+    settings = json.loads((tmp_path / "samples" / "meta.json").read_text())["settings"]
+    assert (settings["sampler"], settings["num_sampling_steps"], settings["cfg_scale"]) == ("consistency", 2, 1.0)
+    with np.load(tmp_path / "samples" / "samples_12.npz") as samples:
+        assert samples["arr_0"].shape == (12, 8, 8, 1)
+    result = run_script("sample_ddp.py", "--ckpt", ckpt, "--num-samples", 12, "--sample-dir", tmp_path / "other",
+                        "--sampler", "ddpm", check=False)
+    assert result.returncode != 0 and "made for the consistency sampler" in result.stderr
+
+
 def test_consistency_sampler_is_deterministic_and_takes_any_step_count(teacher_ckpt, tmp_path):
     run_script("train.py", *step_args("consistency", teacher_ckpt, tmp_path, "--ckpt-every", 6))
     model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
