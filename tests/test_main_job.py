@@ -32,7 +32,7 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
         assert samples["arr_1"].tolist() == [i % 10 for i in range(20)]
     report = (out / "report.md").read_text()
     for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)",
-                "few-step student (DiT-Digits-S, progressive-distilled from the distilled student) | 330,248 | "):
+                "few-step student (DiT-Digits-S, consistency-distilled from the distilled student) | 330,248 | "):
         assert row in report
     fewstep_row = next(line for line in report.splitlines() if line.startswith("| few-step student"))
     assert fewstep_row.split(" | ")[3] == "4"  # forwards per image: its 4 steps
