@@ -88,7 +88,7 @@ def table(results, reference, training):
         lines.append(f"| {sampler} | {steps} | {result['forwards']} | "
                      f"{result['seconds_per_image'] / results[reference]['seconds_per_image']:.3f} | "
                      f"{result['accuracy']:.3f} | {result['frechet']:.2f} | "
-                     f"{result['frechet'] / results[reference]['frechet']:.2f}x | {training.get(sampler, '-')} |")
+                     f"{result['frechet'] / results[reference]['frechet']:.2f}x | {training.get(name, '-')} |")
     return "\n".join(lines)
 
 
@@ -111,8 +111,10 @@ def main(args):
         rows[f"consistency student {steps}"] = (consistency, consistency_data,
                                                 dict(sampler=None, num_sampling_steps=steps, **unguided))
     results = evaluate_rows(args, rows)
-    training = {"progressive student": f"{progressive_steps} ({progressive_steps // 6} per round)",
-                "consistency student": str(args.steps)}
+    round_length = progressive_steps // 6  # the N-step progressive student has trained every round down to N
+    training = {**{f"progressive student {steps}": f"{round_length * (7 - steps.bit_length())} "
+                                                   f"({7 - steps.bit_length()} rounds)" for steps in STEP_COUNTS},
+                **{f"consistency student {steps}": str(args.steps) for steps in STEP_COUNTS}}
 
     guided_rows = {}
     guidance, guidance_data = load_dit_checkpoint(guidance_ckpt)

@@ -70,3 +70,19 @@ def test_ablation_tables_variants_over_seeds(tmp_path):
     assert f"| {difference.mean():+.2f} ± {difference.std(ddof=1):.2f} | {(difference < 0).sum()}/2 |" in paired_row
     log = (tmp_path / "abl" / "staged_recipe_default" / "seed1" / "log.txt").read_text()
     assert "stage warmup" in log and "stage feature" in log and "stage joint" in log
+
+
+def test_fewstep_table_has_every_row(tmp_path):
+    teacher = tmp_path / "teacher"
+    run("train.py", "--model", "DiT-Digits-T", "--max-steps", "2", "--ckpt-every", "2", "--global-batch-size", "16",
+        "--results-dir", str(teacher))
+    run("fewstep.py", "--teacher-ckpt", str(teacher / "checkpoints" / "0000002.pt"), "--out", str(tmp_path / "fs"),
+        "--steps", "6", "--guidance-steps", "2", "--num-samples", "10", "--timing-samples", "2")
+    table = (tmp_path / "fs" / "fewstep.md").read_text()
+    for row in ("| teacher DDIM | 50 | 50 | 1.000 |", "| teacher DDIM (trailing) | 1 | 1 |",
+                "| progressive student | 8 | 8 |", "| consistency student | 4 | 4 |",
+                "| guidance-distilled student, one forward | 3.0 | 50 |", "| teacher, two forwards | 1.5 | 100 | 1.00 |"):
+        assert row in table, row
+    assert "| 6 (6 rounds) |" in table and "| 3 (3 rounds) |" in table  # the 1- and 8-step progressive students
+    rows = json.loads((tmp_path / "fs" / "fewstep.json").read_text())["rows"]
+    assert len(rows) == 13 and all(row["n"] == 10 for row in rows.values())
