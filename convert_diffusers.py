@@ -273,7 +273,14 @@ def parse_args(argv=None):
 
 def main(args):
     if args.to_diffusers:
-        model, _ = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+        sampling = data["sampling"]
+        if model.w_embedder is not None or sampling["parametrisation"] != "eps":
+            raise SystemExit(f"error: {args.ckpt} is a {sampling['method']}-distilled student ("
+                             + ("it takes the guidance scale w as an input, which diffusers' DiTTransformer2DModel "
+                                "has no place for" if model.w_embedder is not None else
+                                "its output is x-eps, not the eps diffusers' DiT schedulers read")
+                             + "); convert its eps-predicting teacher, or sample it with sample.py / export.py")
         transformer = dit_to_diffusers(model)
         save_pretrained_atomic(transformer, args.out)
         print(f"wrote {args.out}: DiTTransformer2DModel {dict(transformer.config)}")

@@ -5,6 +5,11 @@
         --student-model DiT-Digits-S --warmup-steps 500 --feature-steps 1000 --joint-steps 1500 --results-dir results/kd
     torchrun --nproc_per_node=8 train.py --distillation --teacher-model DiT-XL/2 --teacher-ckpt DiT-XL-2-256x256.pt \
         --student-model DiT-S/2 --latents-path latents/ --results-dir results/xl-to-s
+    python train.py --step-distillation consistency --teacher-ckpt results/kd/checkpoints/0003000.pt \
+        --sampling-steps 4 --max-steps 1200 --results-dir results/kd-4step
+
+Plain training, size distillation (distill.py) and step distillation (step_distill.py) run through the same loop: each
+is a method object with the student, its loss, its per-step state and what a checkpoint keeps.
 
 Rerunning the same command with the same --results-dir resumes from its newest valid checkpoint, exactly.
 """
@@ -596,8 +601,9 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train a DiT, or distill a teacher DiT into a student "
-                                                 "(warmup -> feature -> joint stages).")
+    parser = argparse.ArgumentParser(description="Train a DiT, distill a teacher DiT into a smaller student "
+                                                 "(--distillation: warmup -> feature -> joint stages), or into a "
+                                                 "few-step student (--step-distillation).")
     data = parser.add_argument_group("data (default: the embedded scikit-learn digits)")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data", choices=["digits"], default=None, help="the embedded digits (the default)")
@@ -612,7 +618,7 @@ def build_parser():
     model = parser.add_argument_group("model (plain training)")
     model.add_argument("--model", choices=list(DiT_models), default=None, help="architecture to train from scratch")
 
-    teacher = parser.add_argument_group("teacher (with --distillation)")
+    teacher = parser.add_argument_group("teacher (with --distillation or --step-distillation)")
     teacher.add_argument("--distillation", action="store_true", help="distill --teacher-model into --student-model")
     teacher.add_argument("--teacher-model", choices=list(DiT_models), default=None,
                          help="teacher architecture (with --step-distillation only for a raw state_dict)")

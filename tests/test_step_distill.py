@@ -399,3 +399,11 @@ def test_few_step_and_guidance_students_export_and_sample_standalone(method, tea
         with pytest.raises(ValueError, match="guidance-distilled"):
             export.main(export.parse_args(["--ckpt", ckpt, "--format", "onnx", "--cfg-scale", "2", "--out",
                                            str(tmp_path / "x.onnx")]))
+
+
+def test_diffusers_conversion_refuses_step_distilled_students(teacher_ckpt, tmp_path):
+    run_script("train.py", *step_args("guidance", teacher_ckpt, tmp_path / "run", "--ckpt-every", 6))
+    result = run_script("convert_diffusers.py", "--to-diffusers", "--ckpt", tmp_path / "run" / "checkpoints" /
+                        "0000006.pt", "--out", tmp_path / "hf", check=False)
+    assert result.returncode != 0 and "takes the guidance scale w as an input" in result.stderr
+    assert not (tmp_path / "hf").exists()
