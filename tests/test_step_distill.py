@@ -181,6 +181,15 @@ def step_args(method, teacher_ckpt, results_dir, *extra):
             "--results-dir", results_dir, *METHOD_ARGS[method], *TINY, *extra]
 
 
+@pytest.fixture(scope="module")
+def students(teacher_ckpt, tmp_path_factory):
+    """One 6-step run of each method, shared by the tests that only read the result: {method: checkpoint path}."""
+    folder = tmp_path_factory.mktemp("students")
+    for method in METHOD_ARGS:
+        run_script("train.py", *step_args(method, teacher_ckpt, folder / method, "--ckpt-every", 2))
+    return {method: str(folder / method / "checkpoints" / "0000006.pt") for method in METHOD_ARGS}
+
+
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teacher_ckpt, tmp_path):
     uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
@@ -225,20 +234,19 @@ def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teac
         assert samples["arr_0"].shape == (10, 8, 8, 1)
 
 
-def test_progressive_rounds_hand_over_the_teacher(teacher_ckpt, tmp_path):
-    run_script("train.py", *step_args("progressive", teacher_ckpt, tmp_path, "--ckpt-every", 2))
-    log = (tmp_path / "log.txt").read_text()
+def test_progressive_rounds_hand_over_the_teacher(students):
+    run = os.path.dirname(os.path.dirname(students["progressive"]))
+    log = open(os.path.join(run, "log.txt")).read()
     assert "round 1/2: 8->4 steps" in log and "step 3: round 2/2: 4->2 steps" in log
-    at_handover, final = load(tmp_path / "checkpoints" / "0000004.pt"), load(tmp_path / "checkpoints" / "0000006.pt")
+    at_handover, final = (load(os.path.join(run, "checkpoints", f"000000{step}.pt")) for step in (4, 6))
     assert at_handover["round"] == 1 and final["round"] == 1
     # round 2's teacher is round 1's EMA student (the EMA at step 3, which the step-4 checkpoint follows by one step)
     assert at_handover["round_teacher_parametrisation"] == "x-eps"
     assert all(torch.equal(at_handover["round_teacher"][k], final["round_teacher"][k]) for k in final["round_teacher"])
 
 
-def test_guidance_distilled_student_takes_w_in_one_forward(teacher_ckpt, tmp_path):
-    run_script("train.py", *step_args("guidance", teacher_ckpt, tmp_path, "--ckpt-every", 6))
-    model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
+def test_guidance_distilled_student_takes_w_in_one_forward(students):
+    model, data = load_dit_checkpoint(students["guidance"])
     calls = []
     model.x_embedder.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     sample.generate(model, data, [1, 2, 3], num_sampling_steps=4, sampler="ddim", cfg_scale=2.5, progress=False)
@@ -247,10 +255,9 @@ def test_guidance_distilled_student_takes_w_in_one_forward(teacher_ckpt, tmp_pat
         sample.generate(model, data, [1], cfg_scale=4.0, progress=False)
 
 
-def test_sample_ddp_uses_the_checkpoints_sampler(teacher_ckpt, tmp_path):
+def test_sample_ddp_uses_the_checkpoints_sampler(students, tmp_path):
     import json
-    run_script("train.py", *step_args("consistency", teacher_ckpt, tmp_path / "run", "--ckpt-every", 6))
-    ckpt = tmp_path / "run" / "checkpoints" / "0000006.pt"
+    ckpt = students["consistency"]
     run_script("sample_ddp.py", "--ckpt", ckpt, "--num-samples", 12, "--chunk-size", 6, "--sample-dir",
                tmp_path / "samples")
     settings = json.loads((tmp_path / "samples" / "meta.json").read_text())["settings"]
@@ -262,9 +269,8 @@ def test_sample_ddp_uses_the_checkpoints_sampler(teacher_ckpt, tmp_path):
     assert result.returncode != 0 and "made for the consistency sampler" in result.stderr
 
 
-def test_consistency_sampler_is_deterministic_and_takes_any_step_count(teacher_ckpt, tmp_path):
-    run_script("train.py", *step_args("consistency", teacher_ckpt, tmp_path, "--ckpt-every", 6))
-    model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
+def test_consistency_sampler_is_deterministic_and_takes_any_step_count(students):
+    model, data = load_dit_checkpoint(students["consistency"])
     for steps in (1, 2, 4, 8):
         first = sample.generate(model, data, list(range(10)), seed=3, num_sampling_steps=steps, progress=False)
         again = sample.generate(model, data, list(range(10)), seed=3, num_sampling_steps=steps, batch_size=4,
@@ -280,10 +286,9 @@ def test_consistency_sampler_is_deterministic_and_takes_any_step_count(teacher_c
     ("steps it was not distilled for", ["--num-sampling-steps", "3"], "samples in 2 steps, not 3"),
     ("guidance without a range", ["--cfg-scale", "2"], "distilled without guidance"),
 ])
-def test_few_step_checkpoint_refuses_what_it_was_not_trained_for(case, extra, message, teacher_ckpt, tmp_path):
-    run_script("train.py", *step_args("progressive", teacher_ckpt, tmp_path, "--ckpt-every", 6))
-    result = run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "0000006.pt", "--out", tmp_path / "g.png",
-                        *extra, check=False)
+def test_few_step_checkpoint_refuses_what_it_was_not_trained_for(case, extra, message, students, tmp_path):
+    result = run_script("sample.py", "--ckpt", students["progressive"], "--out", tmp_path / "g.png", *extra,
+                        check=False)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, case
 
 
@@ -335,10 +340,9 @@ def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
 #################################################################################
 
 @pytest.mark.parametrize("method", ["progressive", "consistency"])
-def test_numpy_runner_samplers_equal_the_torch_samplers(method, teacher_ckpt, tmp_path):
+def test_numpy_runner_samplers_equal_the_torch_samplers(method, students):
     import run_exported
-    run_script("train.py", *step_args(method, teacher_ckpt, tmp_path, "--ckpt-every", 6))
-    model, data = load_dit_checkpoint(str(tmp_path / "checkpoints" / "0000006.pt"))
+    model, data = load_dit_checkpoint(students[method])
     with torch.no_grad():
         for p in model.final_layer.parameters():
             p.add_(0.05 * torch.randn_like(p))  # x~ away from zero, so the x-eps head matters
@@ -364,11 +368,10 @@ def test_numpy_runner_samplers_equal_the_torch_samplers(method, teacher_ckpt, tm
 
 
 @pytest.mark.parametrize("method", ["consistency", "guidance"])
-def test_few_step_and_guidance_students_export_and_sample_standalone(method, teacher_ckpt, tmp_path):
+def test_few_step_and_guidance_students_export_and_sample_standalone(method, students, tmp_path):
     import export
     import run_exported
-    run_script("train.py", *step_args(method, teacher_ckpt, tmp_path / "run", "--ckpt-every", 6))
-    ckpt = str(tmp_path / "run" / "checkpoints" / "0000006.pt")
+    ckpt = students[method]
     for fmt, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
         out = str(tmp_path / f"student{extension}")
         extra = ["--calib-samples", "2"] if fmt == "onnx" else []
@@ -401,9 +404,8 @@ def test_few_step_and_guidance_students_export_and_sample_standalone(method, tea
                                            str(tmp_path / "x.onnx")]))
 
 
-def test_diffusers_conversion_refuses_step_distilled_students(teacher_ckpt, tmp_path):
-    run_script("train.py", *step_args("guidance", teacher_ckpt, tmp_path / "run", "--ckpt-every", 6))
-    result = run_script("convert_diffusers.py", "--to-diffusers", "--ckpt", tmp_path / "run" / "checkpoints" /
-                        "0000006.pt", "--out", tmp_path / "hf", check=False)
+def test_diffusers_conversion_refuses_step_distilled_students(students, tmp_path):
+    result = run_script("convert_diffusers.py", "--to-diffusers", "--ckpt", students["guidance"], "--out",
+                        tmp_path / "hf", check=False)
     assert result.returncode != 0 and "takes the guidance scale w as an input" in result.stderr
     assert not (tmp_path / "hf").exists()
