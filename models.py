@@ -412,7 +412,8 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
                                           "vae": None}
     else:
         if model_name is None or image_size is None:
-            raise ValueError(f"{path} has no model config (a raw state_dict): pass --model and --image-size")
+            raise ValueError(f"{path} has no model config (a raw state_dict): pass --model and --image-size "
+                             f"(train.py --step-distillation: --teacher-model; the data gives the size)")
         if image_size % VAE_DOWNSAMPLE:
             raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's {VAE_DOWNSAMPLE}")
         config = model_config(model_name, input_size=image_size // VAE_DOWNSAMPLE,
