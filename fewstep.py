@@ -18,7 +18,6 @@ import os
 import time
 
 import numpy as np
-import torch
 
 from run_digits import final_checkpoint, run
 
@@ -52,15 +51,10 @@ def train_students(args):
         final_checkpoint(runs["guidance"], args.guidance_steps), progressive_steps
 
 
-def forwards_per_step(model, cfg_scale):
-    """Model evaluations per image and step: two under classifier-free guidance, one with a w input or without."""
-    return 2 if cfg_scale != 1 and model.w_embedder is None else 1
-
-
 def evaluate_rows(args, rows):
     """rows: {name: (model, data, settings for generate)} -> {name: scores, forwards, seconds per image}."""
     from evaluate import digits_scores
-    from sample import generate, to_uint8_nhwc
+    from sample import forwards_per_step, generate, to_uint8_nhwc
     labels = [i % 10 for i in range(args.num_samples)]
     results = {}
     for name, (model, data, settings) in rows.items():

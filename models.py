@@ -457,3 +457,14 @@ def save_checkpoint_atomic(obj, path):
     except BaseException:
         os.remove(temporary)
         raise
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema <- decay * ema + (1 - decay) * model (one fused op), over all parameters (pos_embed is fixed).
+
+    train.py's EMA of the weights, and step_distill.py's consistency target network.
+    """
+    ema_params = dict(ema_model.named_parameters())
+    names = [name for name, _ in model.named_parameters()]
+    torch._foreach_lerp_([ema_params[n] for n in names], [p.data for _, p in model.named_parameters()], 1 - decay)

@@ -181,6 +181,7 @@ def save_loss_curves(args):
 def write_report(args, checkpoints, timings, scores, exported, export_scores):
     from bench import flops_per_forward
     from models import load_dit_checkpoint
+    from sample import forwards_per_step
     lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
              f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "
              f"per model (classes 0-9 in turn, the same initial noise for every model), DDIM {args.steps} steps "
@@ -198,7 +199,7 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores):
         gflops = flops_per_forward(model.config) / 2 / 1e9  # multiply-adds, as the DiT paper counts
         settings = sampling_settings(args, data)
         steps = settings["num_sampling_steps"] or data["sampling"]["default_steps"]
-        forwards = steps * (2 if settings["cfg_scale"] != 1 else 1)
+        forwards = steps * forwards_per_step(model, settings["cfg_scale"])
         lines.append(f"| {names[name]} | {parameters:,} | {gflops:.4f} | {forwards} | "
                      f"{timings[name] / timings['teacher']:.3f} | {scores[name]['accuracy']:.3f} | "
                      f"{scores[name]['frechet']:.2f} |")

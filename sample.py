@@ -121,6 +121,11 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
     return sampler, num_steps, cfg_scale
 
 
+def forwards_per_step(model, cfg_scale):
+    """Model evaluations per image and step: two under classifier-free guidance, one with a w input or without."""
+    return 2 if cfg_scale != 1 and model.w_embedder is None else 1
+
+
 def to_uint8_nhwc(images):
     """[-1, 1] float (N, C, H, W) -> uint8 (N, H, W, C), the rounding of the original sample_ddp.py."""
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()

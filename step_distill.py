@@ -22,7 +22,7 @@ import copy
 import torch
 
 from diffusion.gaussian_diffusion import get_named_beta_schedule, mean_flat
-from models import DiT, load_state_dict_strict
+from models import DiT, load_state_dict_strict, update_ema
 
 DIFFUSION_STEPS = 1000  # DiT's training schedule (linear betas)
 METHODS = ("progressive", "consistency", "guidance")
@@ -70,7 +70,7 @@ def unwrap(model):
 def model_output(model, x_t, t, y, w=None, drop=None, temperature=1.0):
     """The DiT's output at x_t for labels y and guidance scales w (N,) (None: no guidance), divided by temperature.
 
-    A guidance-distilled DiT takes w as its input: one forward. Any other DiT with w != 1 runs classifier-free
+    A guidance-distilled DiT takes w as its input: one forward. Any other DiT given w runs classifier-free
     guidance (Ho & Salimans 2022, Eq. 6) on the conditional and the null batch in one forward, guiding the first
     min(3, C) channels as forward_with_cfg does. drop: (N,) 1 where the label is replaced by the null label.
     """
@@ -79,7 +79,7 @@ def model_output(model, x_t, t, y, w=None, drop=None, temperature=1.0):
     if dit.w_embedder is not None:
         w = torch.ones(len(x_t), device=x_t.device) if w is None else w
         return model(x_t, t, y, force_drop_ids=drop, w=w) / temperature
-    if w is None or bool((w == 1).all()):
+    if w is None:
         return model(x_t, t, y, force_drop_ids=drop) / temperature
     null = torch.full_like(y, dit.config["num_classes"])
     out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]),
@@ -392,12 +392,8 @@ class ConsistencyDistillation(StepDistillation):
                                     randomness["noise"], index, self.args.consistency_skip, w, drop, self.clip)
         return loss, {"consistency": loss}
 
-    @torch.no_grad()
     def end_step(self, student):
-        target = dict(self.target.named_parameters())
-        names = [name for name, _ in student.named_parameters()]
-        torch._foreach_lerp_([target[n] for n in names], [p.data for _, p in student.named_parameters()],
-                             1 - self.args.consistency_target_decay)
+        update_ema(self.target, student, self.args.consistency_target_decay)
 
     def state_dict(self):
         return {"consistency_target": self.target.state_dict()}

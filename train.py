@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from diffusion import create_diffusion
 from distill import (STAGE_TERMS, STAGES, FeatureProjections, feature_loss, gaussian_kl_loss, init_student_from_teacher,
                      output_loss, softmax_kl_loss, stage_at, teacher_block_indices)
-from models import EPS_SAMPLING, DiT, DiT_models, load_state_dict_strict, model_config, save_checkpoint_atomic
-from step_distill import METHODS as STEP_METHOD_NAMES, STEP_METHODS
+from models import (EPS_SAMPLING, DiT, DiT_models, load_state_dict_strict, model_config, save_checkpoint_atomic,
+                    update_ema)
+from step_distill import DIFFUSION_STEPS, METHODS as STEP_METHOD_NAMES, STEP_METHODS
 
 # Flags that may change when a run is resumed; any other difference means a different experiment.
-DIFFUSION_STEPS = 1000  # DiT's training schedule: timesteps are drawn from [0, 1000)
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "log_every", "sample_every", "num_workers", "compile"}
 
 
@@ -269,14 +269,6 @@ def build_method(args, data, device):
         return STEP_METHODS[args.step_distillation](args, teacher, teacher_sampling, clip=not data["latent"])
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """ema <- decay * ema + (1 - decay) * model (one fused op), over all parameters (pos_embed is fixed)."""
-    ema_params = dict(ema_model.named_parameters())
-    names = [name for name, _ in model.named_parameters()]
-    torch._foreach_lerp_([ema_params[n] for n in names], [p.data for _, p in model.named_parameters()], 1 - decay)
 
 
 #################################################################################

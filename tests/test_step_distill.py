@@ -1,9 +1,7 @@
 """Step distillation: the methods' math against hand computations, the samplers, and train.py / sample.py end to end."""
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +9,8 @@ import torch
 
 import sample
 import step_distill as sd
-from models import DiT, DiT_models, load_dit_checkpoint
+from models import DiT_models, load_dit_checkpoint
+from test_train import kill_after_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIXEL = dict(input_size=8, in_channels=1, num_classes=10)
@@ -197,16 +196,8 @@ def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teac
                                                "--sample-every", 6))
     assert f"[{method}" in result.stdout or "round" in result.stdout
     # Kill a second run once its step-2 checkpoint exists, then rerun the same command: it resumes exactly.
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
-                                *map(str, step_args(method, teacher_ckpt, interrupted, "--ckpt-every", 2,
-                                                    "--sample-every", 6))],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoints" / "0000002.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(step_args(method, teacher_ckpt, interrupted, "--ckpt-every", 2, "--sample-every", 6),
+                          interrupted / "checkpoints" / "0000002.pt")
     result = run_script("train.py", *step_args(method, teacher_ckpt, interrupted, "--ckpt-every", 2,
                                                "--sample-every", 6))
     assert "resumed from" in result.stdout

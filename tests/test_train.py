@@ -25,6 +25,19 @@ def run_train(*args, check=True, module=None):
     return result
 
 
+def kill_after_checkpoint(arguments, checkpoint):
+    """Start train.py with `arguments` and kill -9 it as soon as `checkpoint` exists."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, arguments)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists()
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -89,15 +102,7 @@ def test_resume_after_a_kill_is_exact(teacher_ckpt, tmp_path):
     run_train(*arguments)
     # Kill the second run once its step-2 checkpoint exists, then rerun the same command.
     arguments_b = distill_args(teacher_ckpt, interrupted, "--ckpt-every", "2", "--kd-kl-type", "gaussian")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *arguments_b], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoints" / "0000002.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert (interrupted / "checkpoints" / "0000002.pt").exists()
+    kill_after_checkpoint(arguments_b, interrupted / "checkpoints" / "0000002.pt")
     result = run_train(*arguments_b)
     assert "resumed from" in result.stdout
     a, b = load(newest(str(uninterrupted))), load(newest(str(interrupted)))
