@@ -215,16 +215,23 @@ def few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w=N
     return x.astype(np.float32)
 
 
-def sampling_plan(metadata, num_steps=None, cfg_scale=None):
-    """(sampler, steps, w) for a file: its own sampler and step count by default; w for a guidance-distilled one
-    (default 1 if its range holds it, else the range's low end). Errors say what the file supports."""
+def sampling_plan(metadata, num_steps=None, cfg_scale=None, sampler=None):
+    """(sampler, steps, w) for a file: its own sampler and step count by default (DDIM 50 for a noise-predicting
+    model); w for a guidance-distilled one (default 1 if its range holds it, else the range's low end). Errors say
+    what the file supports."""
     sampling = metadata.get("sampling") or EPS_SAMPLING
-    sampler = sampling["sampler"] or "ddim"
-    num_steps = num_steps or sampling["default_steps"] or 50
+    own = sampling["sampler"]
+    if sampler is not None and own is not None and sampler != own:
+        raise ValueError(f"this {sampling['method']}-distilled model samples with its own {own} sampler: drop "
+                         f"--sampler")
+    sampler = own or sampler or "ddim"
+    num_steps = num_steps or sampling["default_steps"] or (SOLVER_DEFAULT_STEPS if sampler in SOLVERS else 50)
     if sampling["steps"] and num_steps not in sampling["steps"]:
         raise ValueError(f"this {sampling['method']}-distilled model samples in {sampling['steps'][0]}"
                          f"{'..' + str(sampling['steps'][-1]) if len(sampling['steps']) > 1 else ''} steps, not "
                          f"{num_steps}: drop --num-steps")
+    if not 1 <= num_steps <= 1000:
+        raise ValueError(f"--num-steps must lie in [1, 1000] (DiT's schedule has 1000 steps), got {num_steps}")
     guidance_range = sampling["guidance_range"]
     if guidance_range is None:
         if cfg_scale is not None:
@@ -236,6 +243,42 @@ def sampling_plan(metadata, num_steps=None, cfg_scale=None):
         raise ValueError(f"--cfg-scale {w} is outside the guidance range this model was distilled for "
                          f"[{guidance_range[0]}, {guidance_range[1]}]")
     return sampler, num_steps, w
+
+
+# diffusers' solvers, as sample.py's SOLVERS and DIT_SCHEDULE (a test holds the copies equal): they run through
+# diffusers itself, which a target without it lacks; DDIM and the few-step samplers above need numpy only.
+SOLVERS = {
+    "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+SOLVER_DEFAULT_STEPS = 20
+
+
+def solver_sample(denoise, noise, labels, metadata, num_steps, name, w=None):
+    """diffusers' solver `name` on the file's eps (its first C output channels), as sample.py's solver samplers:
+    trailing grid, x_0 clamped to [-1, 1] for pixel models (thresholding with sample_max_value 1; Euler: none)."""
+    try:
+        import diffusers
+        import torch
+    except ImportError:
+        raise ValueError(f"--sampler {name} runs diffusers' {SOLVERS[name][0]}, and diffusers (with torch) is not "
+                         f"installed here: pip install diffusers, or use --sampler ddim, which needs numpy only") \
+            from None
+    class_name, options = SOLVERS[name]
+    clipping = dict(thresholding=True, sample_max_value=1.0) if not metadata["latent"] and name != "euler" else {}
+    scheduler = getattr(diffusers, class_name)(**DIT_SCHEDULE, timestep_spacing="trailing", **options, **clipping)
+    scheduler.set_timesteps(num_steps)
+    extra = () if w is None else (np.full(len(noise), w, dtype=np.float32),)
+    y = labels.astype(np.int32)
+    x = torch.from_numpy(noise) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t).numpy().astype(np.float32)
+        output = denoise(model_input, np.full(len(x), float(t), dtype=np.float32), y, *extra)
+        x = scheduler.step(torch.from_numpy(np.ascontiguousarray(output[:, :noise.shape[1]], dtype=np.float32)), t,
+                           x).prev_sample
+    return x.numpy().astype(np.float32)
 
 
 def batched(denoise, batch_size):
@@ -279,11 +322,12 @@ def write_png(path, images, min_side=64):
                 + chunk(b"IEND", b""))
 
 
-def sample(denoise, metadata, labels, num_steps=None, seed=0, batch_size=None, cfg_scale=None):
+def sample(denoise, metadata, labels, num_steps=None, seed=0, batch_size=None, cfg_scale=None, sampler=None):
     """Samples float32 (N, C, H, W) for labels, from load_denoiser's pair, with the file's own sampler (DDIM for a
-    noise-predicting model, default 50 steps; a step-distilled student's sampler and steps); the noise is numpy's,
-    from seed. cfg_scale: the w input of a guidance-distilled model (one forward per step)."""
-    sampler, num_steps, w = sampling_plan(metadata, num_steps, cfg_scale)
+    noise-predicting model, default 50 steps, or `sampler`: one of diffusers' SOLVERS; a step-distilled student's
+    sampler and steps); the noise is numpy's, from seed. cfg_scale: the w input of a guidance-distilled model (one
+    forward per step)."""
+    sampler, num_steps, w = sampling_plan(metadata, num_steps, cfg_scale, sampler)
     labels = np.asarray(labels, dtype=np.int64)
     if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0 or labels.max() >= metadata["num_classes"]:
         raise ValueError(f"class labels must be integers in [0, {metadata['num_classes']}), got {labels.tolist()}")
@@ -294,6 +338,8 @@ def sample(denoise, metadata, labels, num_steps=None, seed=0, batch_size=None, c
     size, channels = metadata["input_size"], metadata["in_channels"]
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal((len(labels), channels, size, size), dtype=np.float32)
+    if sampler in SOLVERS:
+        return solver_sample(denoise, noise, labels, metadata, num_steps, sampler, w)
     if sampler == "ddim" and w is None:
         return ddim_sample(denoise, noise, labels, metadata, num_steps)
     if sampler == "ddim":  # a guidance-distilled eps model: DDIM with its w input
@@ -354,7 +400,8 @@ def main(args):
         labels = range(min(10, metadata["num_classes"]))
     labels = np.asarray(list(labels), dtype=np.int64)
     start = time.perf_counter()
-    samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size, args.cfg_scale)
+    samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size, args.cfg_scale,
+                     args.sampler)
     seconds = time.perf_counter() - start
     if metadata["latent"]:
         np.savez(args.out, arr_0=samples, arr_1=labels)
@@ -374,9 +421,13 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a file written by export.py: .ts (TorchScript), .onnx or .pt2 (torch.export)")
+    parser.add_argument("--sampler", choices=["ddim", *SOLVERS], default=None,
+                        help="ddim (numpy, the default for a noise-predicting file) or one of diffusers' solvers "
+                             "(needs diffusers and torch here); a step-distilled file always uses its own sampler")
     parser.add_argument("--num-steps", type=int, default=None,
-                        help="sampling steps (default: a step-distilled model's own, else 50 DDIM steps; for DDIM an "
-                             "integer stride of 1000 must give exactly this many: 25, 50, 100, 250, ...)")
+                        help=f"sampling steps (default: a step-distilled model's own, else 50 DDIM steps or "
+                             f"{SOLVER_DEFAULT_STEPS} solver steps; for DDIM an integer stride of 1000 must give "
+                             f"exactly this many: 25, 50, 100, 250, ...)")
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="guidance scale w of a guidance-distilled model, an input of its file (one forward per "
                              "step; default 1, or the low end of its range); other files fold guidance at export")

@@ -7,6 +7,7 @@
 (then --model and --image-size, as the original sample.py).
 """
 import argparse
+import functools
 import math
 import os
 
@@ -15,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import create_diffusion
+from diffusion.respace import space_timesteps
 from models import EPS_SAMPLING, DiT_models, load_dit_checkpoint
-from step_distill import consistency_sample, ddim_trailing_sample
+from step_distill import DIFFUSION_STEPS, consistency_sample, ddim_trailing_sample, model_output
 
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's classes
 
@@ -29,13 +31,11 @@ def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm",
     clip_denoised clamps each step's x_0 estimate to [-1, 1]: right for pixels, off for latents (as the original).
     A guidance-distilled model takes cfg_scale as its input w: one forward per step instead of two.
     """
+    check_guidance(model, cfg_scale)
     if model.w_embedder is not None:
         w = torch.full((len(noise),), float(cfg_scale), device=noise.device)
         z, model_kwargs, denoiser = noise, dict(y=labels, w=w), model.forward
     elif cfg_scale != 1.0:
-        if model.config["class_dropout_prob"] == 0:
-            raise ValueError("this model was trained without label dropout, so it has no null label to guide "
-                             "against: use --cfg-scale 1")
         # Classifier-free guidance (Ho & Salimans 2022): the batch is doubled with null labels.
         null = torch.full_like(labels, model.config["num_classes"])
         z = torch.cat([noise, noise], dim=0)  # (2N, C, H, W)
@@ -48,6 +48,13 @@ def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm",
     samples = loop(denoiser, z.shape, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, progress=progress,
                    device=z.device, temperature=temperature, **extra)
     return samples[: len(noise)]
+
+
+def check_guidance(model, cfg_scale):
+    """A ValueError for guidance asked of a model without a null label (trained without label dropout)."""
+    if cfg_scale != 1.0 and model.w_embedder is None and model.config["class_dropout_prob"] == 0:
+        raise ValueError("this model was trained without label dropout, so it has no null label to guide against: "
+                         "use --cfg-scale 1")
 
 
 #################################################################################
@@ -81,7 +88,52 @@ def consistency(model, sampling, noise, labels, num_steps, cfg_scale, temperatur
     return consistency_sample(model, noise, step_noise, labels, num_steps, sampling["consistency_skip"], w, clip)
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "ddim-trailing": ddim_trailing, "consistency": consistency}
+# DiT's training schedule in diffusers' terms (diffusion.get_named_beta_schedule("linear", 1000)).
+DIT_SCHEDULE = dict(num_train_timesteps=DIFFUSION_STEPS, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+# diffusers' solvers, on the trailing grid (999 first, as ddim-trailing): name -> (scheduler class, its options).
+SOLVERS = {
+    "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),  # Lu et al. 2022
+    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),  # Zhao et al. 2023, bh2, predictor-corrector
+    "euler": ("EulerDiscreteScheduler", {}),  # Karras et al. 2022, Algorithm 1 without churn
+}
+SOLVER_DEFAULT_STEPS = 20
+
+
+def solver_scheduler(name, clip=False):
+    """The diffusers scheduler of solver `name`, set up for DiT's schedule. clip (pixel models): each x_0 estimate
+    is clamped to [-1, 1], through diffusers' dynamic thresholding with sample_max_value 1, whose threshold
+    clamp(quantile, 1, sample_max_value) is then always 1. Euler has no x_0 to clamp and runs unclipped."""
+    import diffusers
+    class_name, options = SOLVERS[name]
+    scheduler_class = getattr(diffusers, class_name)
+    clipping = dict(thresholding=True, sample_max_value=1.0) if clip and name != "euler" else {}
+    return scheduler_class(**DIT_SCHEDULE, timestep_spacing="trailing", **options, **clipping)
+
+
+def solver(name, model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise,
+           progress):
+    """A diffusers solver (SOLVERS[name]) on the DiT's eps: the first C output channels, guided as model_output
+    guides them (the original's first 3 channels; a w input for a guidance-distilled model), over temperature."""
+    scheduler = solver_scheduler(name, clip)
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    w = None if cfg_scale == 1 and model.w_embedder is None else torch.full((len(noise),), float(cfg_scale),
+                                                                            device=noise.device)
+    x = noise * scheduler.init_noise_sigma  # Euler works in sigma space: x_T = sigma_max eps
+    for t in tqdm(scheduler.timesteps, desc=name, disable=not progress):
+        model_input = scheduler.scale_model_input(x, t)  # back to the DiT's x_t (identity but for Euler)
+        eps = model_output(model, model_input, t.expand(len(x)), labels, w, temperature=temperature)
+        x = scheduler.step(eps[:, :noise.shape[1]].float(), t, x).prev_sample
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "ddim-trailing": ddim_trailing, "consistency": consistency,
+            **{name: functools.partial(solver, name) for name in SOLVERS}}
+
+
+SAMPLER_HELP = ("ddpm: ancestral; ddim: the original's grid; ddim-trailing: DDIM from t = 999, for few steps; "
+                "dpm++2m, unipc, euler: diffusers' DPM-Solver++ 2M, UniPC and Euler solvers (the fastest at 10-20 "
+                "steps, README); consistency: multistep consistency sampling (consistency students). Default: the "
+                "checkpoint's own (a step-distilled student's), else ddpm")
 
 
 def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0, default_cfg_scale=1.0):
@@ -99,7 +151,8 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
     if not own and sampler == "consistency":
         raise ValueError("consistency sampling needs a consistency-distilled checkpoint; this model predicts noise: "
                          "use ddpm, ddim or ddim-trailing")
-    num_steps = num_steps or sampling["default_steps"] or 250
+    num_steps = num_steps or sampling["default_steps"] or (SOLVER_DEFAULT_STEPS if sampler in SOLVERS else 250)
+    check_step_count(sampler, num_steps)
     if sampling["steps"] and num_steps not in sampling["steps"]:
         supported = sampling["steps"]
         listed = f"{supported[0]}..{supported[-1]}" if len(supported) > 4 else ", ".join(map(str, supported))
@@ -119,6 +172,20 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
         raise ValueError("--temperature applies to noise-predicting models (ddpm, ddim, ddim-trailing), not to a "
                          "few-step student")
     return sampler, num_steps, cfg_scale
+
+
+def check_step_count(sampler, num_steps):
+    """A ValueError when `sampler` cannot run `num_steps` steps on DiT's 1000-step schedule."""
+    if not 1 <= num_steps <= DIFFUSION_STEPS:
+        raise ValueError(f"--num-sampling-steps must lie in [1, {DIFFUSION_STEPS}] (DiT's schedule has "
+                         f"{DIFFUSION_STEPS} steps), got {num_steps}")
+    if sampler == "ddim":
+        try:
+            space_timesteps(DIFFUSION_STEPS, f"ddim{num_steps}")
+        except ValueError:
+            raise ValueError(f"ddim places its steps every 1000 // N timesteps from t = 0 (the original's grid), "
+                             f"which cannot give exactly {num_steps} steps: choose a nearby count, or --sampler "
+                             f"ddim-trailing, which places any count from 1") from None
 
 
 def forwards_per_step(model, cfg_scale):
@@ -148,6 +215,7 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     sampling = data.get("sampling") or EPS_SAMPLING
     sampler, num_steps, cfg_scale = resolve_sampling(sampling, sampler, num_sampling_steps, cfg_scale, temperature,
                                                      default_cfg_scale)
+    check_guidance(model, cfg_scale)
     device = next(model.parameters()).device
     cfg = model.config
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -202,12 +270,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Sample a DiT checkpoint into a PNG grid (and an ADM .npz).")
     add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                          help="ddpm: ancestral; ddim: the original's grid; ddim-trailing: DDIM from t = 999, for "
-                               "few steps; consistency: multistep consistency sampling (consistency students). "
-                               "Default: the checkpoint's own (a step-distilled student's), else ddpm")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None, help=SAMPLER_HELP)
     sampling.add_argument("--num-sampling-steps", type=int, default=None,
-                          help="number of steps (default: the steps a few-step student was distilled for, else 250)")
+                          help=f"number of steps (default: the steps a few-step student was distilled for, else "
+                               f"{SOLVER_DEFAULT_STEPS} for diffusers' solvers and 250 for ddpm and ddim)")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
     sampling.add_argument("--cfg-scale", type=float, default=None,
                           help="classifier-free guidance scale (1: none). Default 4, or 1 for a few-step student "
