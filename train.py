@@ -35,9 +35,11 @@ from distill import (STAGE_TERMS, STAGES, FeatureProjections, feature_loss, gaus
 from models import (EPS_SAMPLING, DiT, DiT_models, load_state_dict_strict, model_config, save_checkpoint_atomic,
                     update_ema)
 from step_distill import DIFFUSION_STEPS, METHODS as STEP_METHOD_NAMES, STEP_METHODS
+from sample import SAMPLERS, check_step_count
 
 # Flags that may change when a run is resumed; any other difference means a different experiment.
-RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "log_every", "sample_every", "num_workers", "compile"}
+RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "log_every", "sample_every", "sample_sampler", "sample_steps",
+                     "num_workers", "compile"}
 
 
 #################################################################################
@@ -366,14 +368,16 @@ def all_reduce_grads(parameters, world_size):
 #                                     Main                                      #
 #################################################################################
 
-def save_sample_grid(ema, data, sampling, vae, path, step, writer):
-    """EMA samples, unguided: DDIM 50 for a diffusion model, the distilled sampler and steps for a few-step one."""
+def save_sample_grid(ema, data, sampling, vae, path, step, writer, sampler, num_steps):
+    """EMA samples, unguided: `sampler` in num_steps for a diffusion model, the distilled sampler and steps for a
+    few-step one."""
     from torchvision.utils import save_image
     from sample import generate
     labels = [i % data["num_classes"] for i in range(min(4 * data["num_classes"], 32))]
     few_step = sampling["sampler"] is not None
-    images = generate(ema, dict(data, sampling=sampling), labels, seed=0, num_sampling_steps=None if few_step else 50,
-                      sampler=None if few_step else "ddim", cfg_scale=1.0, vae=vae, progress=False)
+    images = generate(ema, dict(data, sampling=sampling), labels, seed=0,
+                      num_sampling_steps=None if few_step else num_steps, sampler=None if few_step else sampler,
+                      cfg_scale=1.0, vae=vae, progress=False)
     save_image(images, path, nrow=min(data["num_classes"], 8), normalize=True, value_range=(-1, 1))
     writer.add_images("samples/ema", (images.clamp(-1, 1) + 1) / 2, step)
 
@@ -541,7 +545,8 @@ def train(args, rank, world_size, device):
                     from data import load_vae
                     vae = load_vae(data["vae"], device)
                 save_sample_grid(ema, data, method.sampling(), vae,
-                                 os.path.join(args.results_dir, "samples", f"{done:07d}.png"), done, writer)
+                                 os.path.join(args.results_dir, "samples", f"{done:07d}.png"), done, writer,
+                                 args.sample_sampler, args.sample_steps)
     progress.close()
     if rank == 0:
         writer.close()
@@ -686,6 +691,9 @@ def build_parser():
     run.add_argument("--log-every", type=int, default=100, help="steps between logged (averaged) losses")
     run.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and at the end)")
     run.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: none)")
+    run.add_argument("--sample-sampler", choices=[name for name in SAMPLERS if name != "consistency"], default="dpm++2m",
+                     help="sampler of those grids (a step-distilled student always uses its own): sample.py's")
+    run.add_argument("--sample-steps", type=int, default=20, help="its steps (dpm++2m 20 matches ddim 50, README)")
 
     return parser
 
@@ -729,6 +737,11 @@ def check_args(parser, args):
         parser.error("--student-depth must be at least 1")
     if args.vae and not (args.data_path or args.latents_path):
         parser.error("--vae applies to --data-path or --latents-path, not to the pixel-space digits")
+    if args.sample_every:
+        try:
+            check_step_count(args.sample_sampler, args.sample_steps)
+        except ValueError as error:
+            parser.error(f"--sample-sampler {args.sample_sampler} --sample-steps {args.sample_steps}: {error}")
     if args.global_batch_size < 1 or args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0:
         parser.error("--global-batch-size, --log-every and --ckpt-every must be at least 1, --sample-every >= 0")
     if not 0 <= args.ema_decay <= 1:

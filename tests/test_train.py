@@ -198,6 +198,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (["--model", "DiT-Digits-S", "--max-steps", "3", "--vae", "ema"], "not to the pixel-space digits"),
     (["--model", "DiT-Digits-S", "--max-steps", "3", "--data-path", "x", "--latents-path", "y"], "not allowed with"),
     (["--model", "DiT-Digits-S", "--max-steps", "3", "--no-such-flag"], "unrecognized arguments"),
+    (["--model", "DiT-Digits-S", "--max-steps", "3", "--sample-every", "2", "--sample-sampler", "ddim",
+      "--sample-steps", "999"], "cannot give exactly 999 steps"),
 ])
 def test_impossible_flag_combinations_are_rejected(arguments, message, tmp_path):
     result = run_train(*arguments, "--results-dir", str(tmp_path), check=False)
