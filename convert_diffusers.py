@@ -4,6 +4,8 @@ transformer, e.g. the "transformer" folder of facebook/DiT-XL-2-256).
     python convert_diffusers.py --to-diffusers --ckpt results/000/checkpoints/0100000.pt --out dit-diffusers
     python convert_diffusers.py --to-diffusers --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 --out xl
     python convert_diffusers.py --from-diffusers DiT-XL-2-256/ --out DiT-XL-2-from-diffusers.pt
+    python convert_diffusers.py --to-diffusers --pipeline --ckpt results/digits/fewstep/checkpoints/0001200.pt \
+        --out digits-pipeline   # then: import dit_pipeline; DiTPipeline.from_pretrained("digits-pipeline")
 
 The weights map one to one, with three changes of layout:
 - attn.qkv (fused) <-> attn1.to_q, to_k, to_v;
@@ -13,15 +15,20 @@ The weights map one to one, with three changes of layout:
   dropout gets a zero row there, never used by its own sampling.
 diffusers does not store the frozen sin-cos pos_embed: it recomputes the same table, which we check.
 
+The project's own entries (pixel or latent, image size, VAE, how a step-distilled student samples, the label-dropout
+probability) travel in dit_project.json beside the transformer's config.json, and come back with --from-diffusers.
+
 Where diffusers' DiT computes something other than the original facebookresearch/DiT:
 - Timestep frequencies: diffusers uses 10000^(-i / (half - 1)) (downscale_freq_shift=1), the original 10000^(-i / half).
-  No choice of weights absorbs this, and the shift is not a config key. A converted model matches ours exactly only
-  after use_original_timestep_frequencies(transformer), which lasts for that object; a saved and reloaded model
-  computes diffusers' way again (so does the official facebook/DiT-XL-2-256 on the Hub).
+  No choice of weights absorbs this, and the shift is not a config key. The folders written here therefore name
+  dit_pipeline.OriginalDiTTransformer2DModel, the same model computing the original's frequencies (import dit_pipeline
+  before from_pretrained); loaded as a stock DiTTransformer2DModel (as the official facebook/DiT-XL-2-256 is) it
+  computes diffusers' way (use_original_timestep_frequencies fixes one object).
 - The layer norm before the MLP takes the config's norm_eps (diffusers' default 1e-5); the original uses 1e-6. We
   write norm_eps=1e-6; reading back, DiT always uses the original's 1e-6, whatever the config says.
 - In training mode every diffusers block draws its own label dropout; the original drops each label once.
-- DiTPipeline uses 1000 as the null label and guides every latent channel; the original guides the first 3.
+- DiTPipeline uses 1000 as the null label (OriginalDiTTransformer2DModel maps it to the model's own) and guides every
+  latent channel; the original guides the first 3 (the same for 1- to 3-channel models).
 """
 import argparse
 import json
@@ -32,10 +39,16 @@ import tempfile
 import torch
 from diffusers import DiTTransformer2DModel
 
+import dit_pipeline
+from dit_pipeline import OriginalDiTTransformer2DModel, XEpsDiTTransformer2DModel, use_original_timestep_frequencies
 from models import DiT, DiT_models, load_dit_checkpoint, save_checkpoint_atomic
 
 DIT_NORM_EPS = 1e-6  # the original DiT's layer-norm epsilon
-DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # Transformer2DModel: the Hub's older name
+# config.json's _class_name -> the class that loads it (Transformer2DModel: the Hub's older name of diffusers' DiT)
+DIFFUSERS_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "Transformer2DModel": DiTTransformer2DModel,
+                     "OriginalDiTTransformer2DModel": OriginalDiTTransformer2DModel,
+                     "XEpsDiTTransformer2DModel": XEpsDiTTransformer2DModel}
+SIDECAR = "dit_project.json"  # beside the transformer's config.json: {"data", "sampling", "class_dropout_prob"}
 
 
 #################################################################################
@@ -108,13 +121,12 @@ def _name_pairs(depth):
     return pairs + [("y_embedder.embedding_table.weight", f"transformer_blocks.{i}.{table}") for i in range(depth)]
 
 
-def dit_to_diffusers(model):
-    """A DiT (models.DiT) -> an equivalent diffusers DiTTransformer2DModel on the same device and dtype, in eval mode.
-
-    Equivalent up to diffusers' timestep frequencies (see the module docstring and use_original_timestep_frequencies).
-    """
+def dit_to_diffusers(model, transformer_class=DiTTransformer2DModel):
+    """A DiT (models.DiT) -> an equivalent diffusers DiTTransformer2DModel (or transformer_class, a subclass from
+    dit_pipeline) on the same device and dtype, in eval mode. The stock class is equivalent up to diffusers' timestep
+    frequencies (see the module docstring); OriginalDiTTransformer2DModel is equivalent."""
     config = model.config
-    transformer = DiTTransformer2DModel(**diffusers_config(config))
+    transformer = transformer_class(**diffusers_config(config))
     ours = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
     reference = transformer.pos_embed.pos_embed.to(ours["pos_embed"].dtype)
@@ -182,17 +194,6 @@ def dit_from_diffusers(source, class_dropout_prob=0.1, allow_unshared_embedders=
     return model.to(device=transformer.device, dtype=transformer.dtype).eval()
 
 
-def use_original_timestep_frequencies(transformer):
-    """Make a diffusers DiT embed timesteps as the original DiT does (frequencies 10000^(-i / half)); in place.
-
-    diffusers' CombinedTimestepLabelEmbeddings fixes downscale_freq_shift=1 (frequencies 10000^(-i / (half - 1))).
-    The shift is not a config key: this holds for this object only, and a reloaded model computes diffusers' way.
-    """
-    for block in transformer.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
-    return transformer
-
-
 def load_transformer(folder):
     """A DiTTransformer2DModel from a save_pretrained folder or a pipeline folder with a "transformer" subfolder."""
     folder = os.fspath(folder)
@@ -207,28 +208,104 @@ def load_transformer(folder):
     with open(os.path.join(folder, "config.json")) as f:
         class_name = json.load(f).get("_class_name")
     if class_name not in DIFFUSERS_CLASSES:
-        raise ValueError(f"{folder} holds a {class_name}, not a DiT transformer ({' or '.join(DIFFUSERS_CLASSES)})")
-    return DiTTransformer2DModel.from_pretrained(folder, local_files_only=True)
+        raise ValueError(f"{folder} holds a {class_name}, not a DiT transformer ({', '.join(DIFFUSERS_CLASSES)})")
+    return DIFFUSERS_CLASSES[class_name].from_pretrained(folder, local_files_only=True)
+
+
+def read_sidecar(folder):
+    """The project's entries saved beside a transformer (SIDECAR), or None for a model made elsewhere."""
+    folder = os.fspath(folder)
+    for candidate in (os.path.join(folder, SIDECAR), os.path.join(folder, "transformer", SIDECAR)):
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f)
+    return None
 
 
 #################################################################################
 #                                 Command line                                  #
 #################################################################################
 
-def save_pretrained_atomic(transformer, folder):
-    """save_pretrained into a temporary folder beside `folder`, renamed into place; refuses a non-empty folder."""
+def write_folder_atomic(write, folder):
+    """write(temporary folder), renamed into place at `folder`; refuses a non-empty folder."""
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise FileExistsError(f"{folder} already exists and is not an empty folder; choose a new --out or remove it")
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(dir=parent, prefix=".convert-")
     try:
-        transformer.save_pretrained(temporary)
+        write(temporary)
         os.chmod(temporary, 0o755)  # mkdtemp makes it private
         os.replace(temporary, folder)  # an empty folder at `folder` is replaced
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def project_transformer(model, data):
+    """The DiT as the dit_pipeline transformer that computes what it computes, and the SIDECAR entries."""
+    sampling = data["sampling"]
+    if model.w_embedder is not None:
+        raise ValueError(f"this is a {sampling['method']}-distilled student that takes the guidance scale w as an "
+                         f"input, which diffusers' DiTTransformer2DModel has no place for; convert its teacher, or "
+                         f"sample it with sample.py / export.py")
+    x_eps = sampling["parametrisation"] == "x-eps"
+    transformer = dit_to_diffusers(model, XEpsDiTTransformer2DModel if x_eps else OriginalDiTTransformer2DModel)
+    sidecar = {"data": {k: v for k, v in data.items() if k != "sampling"}, "sampling": sampling,
+               "class_dropout_prob": model.config["class_dropout_prob"]}
+    return transformer, sidecar
+
+
+def pipeline_scheduler(data):
+    """The scheduler a pipeline folder carries: a step-distilled student's own sampler (FewStepScheduler), else
+    DPM-Solver++ 2M, the main job's sampler (README), set up as sample.py --sampler dpm++2m."""
+    from sample import solver_scheduler
+    sampling, clip = data["sampling"], not data["latent"]
+    if sampling["sampler"] is None:
+        return solver_scheduler("dpm++2m", clip)
+    return dit_pipeline.FewStepScheduler(sampling["sampler"], sampling["consistency_skip"] or 1, clip)
+
+
+def pipeline_decoder(data, vae):
+    """The pipeline's VAE: the identity for a pixel model; for a latent model, AutoencoderKL from `vae` (a local
+    folder, a cached hub id, or ema / mse) or else the VAE the checkpoint names."""
+    if not data["latent"]:
+        if vae:
+            raise ValueError("this model denoises pixels, not VAE latents: drop --vae")
+        return dit_pipeline.PixelDecoder()
+    if not (vae or data["vae"]):
+        raise ValueError("this model denoises VAE latents and its checkpoint names no VAE: pass --vae with the "
+                         "folder of the Stable Diffusion VAE it was trained with (e.g. sd-vae-ft-ema)")
+    from data import load_vae
+    return load_vae(vae or data["vae"], "cpu")
+
+
+def write_diffusers(model, data, out, pipeline=False, vae=None):
+    """The transformer folder (pipeline=False) or a complete DiTPipeline folder at `out`, with SIDECAR."""
+    transformer, sidecar = project_transformer(model, data)
+
+    def write(folder):
+        if pipeline:
+            from diffusers import DiTPipeline
+            DiTPipeline(transformer=transformer, vae=pipeline_decoder(data, vae),
+                        scheduler=pipeline_scheduler(data)).save_pretrained(folder)
+        else:
+            transformer.save_pretrained(folder)
+        with open(os.path.join(folder, "transformer" if pipeline else "", SIDECAR), "w") as f:
+            json.dump(sidecar, f, indent=2)
+    write_folder_atomic(write, out)
+    return transformer
+
+
+def read_diffusers(folder, class_dropout_prob=None, allow_unshared_embedders=False):
+    """(DiT, checkpoint entries "data" and "sampling") from a transformer or pipeline folder; the SIDECAR written
+    with it restores the project's entries, and a model made elsewhere is a latent model of 8x its sample size."""
+    sidecar = read_sidecar(folder) or {}
+    if class_dropout_prob is None:
+        class_dropout_prob = sidecar.get("class_dropout_prob", 0.1)
+    model = dit_from_diffusers(folder, class_dropout_prob, allow_unshared_embedders)
+    data = sidecar.get("data") or {"image_size": model.config["input_size"] * 8, "latent": True, "vae": None}
+    return model, {"data": data, **({"sampling": sidecar["sampling"]} if "sampling" in sidecar else {})}
 
 
 def parse_args(argv=None):
@@ -239,7 +316,8 @@ def parse_args(argv=None):
                            help="convert --ckpt to a diffusers transformer folder (save_pretrained layout) at --out")
     direction.add_argument("--from-diffusers", metavar="DIR",
                            help="convert this diffusers transformer folder (or pipeline folder with a transformer "
-                                "subfolder) to a DiT checkpoint file at --out")
+                                "subfolder) to a DiT checkpoint file at --out; a folder written by --to-diffusers "
+                                "brings back the checkpoint's data and sampling entries (dit_project.json)")
     parser.add_argument("--out", required=True,
                         help="output: a new folder (--to-diffusers) or a .pt file (--from-diffusers)")
     to_diffusers = parser.add_argument_group("--to-diffusers options")
@@ -250,6 +328,11 @@ def parse_args(argv=None):
                                                              "(e.g. 256; the model sees latents of image-size / 8)")
     to_diffusers.add_argument("--num-classes", type=int,
                               help="number of classes of a raw state_dict --ckpt (default 1000)")
+    to_diffusers.add_argument("--pipeline", action="store_true",
+                              help="write a complete DiTPipeline folder (transformer, VAE, scheduler, model_index.json): "
+                                   "the scheduler is the student's own few-step sampler, else DPM-Solver++ 2M")
+    to_diffusers.add_argument("--vae", help="--pipeline of a latent model: its VAE (a local AutoencoderKL folder, a "
+                                            "cached hub id, or ema / mse; default: the one its checkpoint names)")
     from_diffusers = parser.add_argument_group("--from-diffusers options")
     from_diffusers.add_argument("--class-dropout-prob", type=float,
                                 help="label-dropout probability of the converted DiT (diffusers does not record it; "
@@ -258,14 +341,17 @@ def parse_args(argv=None):
                                 help="if the blocks' timestep/class embedders differ (fine-tuned in diffusers), keep "
                                      "block 0's instead of failing; the result then differs from the diffusers model")
     args = parser.parse_args(argv)
-    to_options = args.ckpt is not None or (args.model, args.image_size, args.num_classes) != (None, None, None)
+    to_options = args.ckpt is not None or args.pipeline or args.vae is not None or (
+        args.model, args.image_size, args.num_classes) != (None, None, None)
     from_options = args.class_dropout_prob is not None or args.allow_unshared_embedders
     if args.to_diffusers and args.ckpt is None:
         parser.error("--to-diffusers needs --ckpt PATH")
     if args.to_diffusers and from_options:
         parser.error("--class-dropout-prob and --allow-unshared-embedders are --from-diffusers options")
     if args.from_diffusers and to_options:
-        parser.error("--ckpt, --model, --image-size and --num-classes are --to-diffusers options")
+        parser.error("--ckpt, --model, --image-size, --num-classes, --pipeline and --vae are --to-diffusers options")
+    if args.vae and not args.pipeline:
+        parser.error("--vae goes into a pipeline folder: add --pipeline")
     if args.class_dropout_prob is not None and not 0 <= args.class_dropout_prob < 1:
         parser.error(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
     return args
@@ -274,25 +360,24 @@ def parse_args(argv=None):
 def main(args):
     if args.to_diffusers:
         model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
-        sampling = data["sampling"]
-        if model.w_embedder is not None or sampling["parametrisation"] != "eps":
-            raise SystemExit(f"error: {args.ckpt} is a {sampling['method']}-distilled student ("
-                             + ("it takes the guidance scale w as an input, which diffusers' DiTTransformer2DModel "
-                                "has no place for" if model.w_embedder is not None else
-                                "its output is x-eps, not the eps diffusers' DiT schedulers read")
-                             + "); convert its eps-predicting teacher, or sample it with sample.py / export.py")
-        transformer = dit_to_diffusers(model)
-        save_pretrained_atomic(transformer, args.out)
-        print(f"wrote {args.out}: DiTTransformer2DModel {dict(transformer.config)}")
-        print("note: diffusers embeds timesteps with frequencies 10000^(-i/127), the original DiT 10000^(-i/128); "
-              "outputs differ slightly from this DiT's (see use_original_timestep_frequencies)")
+        try:
+            transformer = write_diffusers(model, data, args.out, args.pipeline, args.vae)
+        except ValueError as error:
+            raise SystemExit(f"error: {args.ckpt}: {error}") from None
+        kind = "DiTPipeline" if args.pipeline else type(transformer).__name__
+        print(f"wrote {args.out}: {kind} of {dict(transformer.config)}")
+        print("load it with: import dit_pipeline; DiTPipeline.from_pretrained(...) or "
+              f"{type(transformer).__name__}.from_pretrained(...) (run from this project, or put it on PYTHONPATH)")
     else:
-        class_dropout_prob = 0.1 if args.class_dropout_prob is None else args.class_dropout_prob
-        model = dit_from_diffusers(args.from_diffusers, class_dropout_prob, args.allow_unshared_embedders)
+        try:
+            model, entries = read_diffusers(args.from_diffusers, args.class_dropout_prob,
+                                            args.allow_unshared_embedders)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
         state_dict = model.state_dict()
         # "ema" and "model" share their tensors, which torch.save stores once.
-        save_checkpoint_atomic({"config": model.config, "ema": state_dict, "model": state_dict}, args.out)
-        print(f"wrote {args.out}: DiT {model.config}")
+        save_checkpoint_atomic({"config": model.config, "ema": state_dict, "model": state_dict, **entries}, args.out)
+        print(f"wrote {args.out}: DiT {model.config}, {entries['data']}")
 
 
 if __name__ == "__main__":

@@ -222,8 +222,10 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     generator = torch.Generator().manual_seed(seed)
     shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     noise = torch.randn(len(labels), *shape, generator=generator)
-    step_noise = torch.randn(num_steps - 1, len(labels), *shape, generator=generator) \
-        if sampler == "consistency" else None
+    step_noise = None
+    if sampler == "consistency":  # drawn step by step, as dit_pipeline.FewStepScheduler draws them
+        draws = [torch.randn(len(labels), *shape, generator=generator) for _ in range(num_steps - 1)]
+        step_noise = torch.stack(draws) if draws else torch.empty(0, len(labels), *shape)
     torch.manual_seed(seed)  # the per-step noise of DDPM
     images = []
     starts = range(0, len(labels), batch_size)

@@ -132,6 +132,11 @@ def q_sample(x0, t, noise):
 def consistency_function(model, x_t, t, y, w=None, drop=None, clip=False):
     """f(x_t, t) = c_skip(t) x_t + c_out(t) x_0(x_t, t) (Song et al. 2023, Eq. 3); f(x, 0) = x exactly."""
     x0, _ = denoise(model, "x-eps", x_t, t, y, w, drop, clip)
+    return consistency_boundary(x_t, t, x0)
+
+
+def consistency_boundary(x_t, t, x0):
+    """c_skip(t) x_t + c_out(t) x_0 with LCM's scalings (above): the consistency function from an x_0 estimate."""
     scaled = CONSISTENCY_TIMESTEP_SCALE * t.double().clamp(min=0).view(-1, 1, 1, 1)
     c_skip = CONSISTENCY_SIGMA_DATA ** 2 / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
     c_out = scaled / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2).sqrt()
