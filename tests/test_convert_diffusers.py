@@ -180,3 +180,124 @@ def test_cli_flags_of_the_other_direction_are_errors(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--to-diffusers", "--out", "folder"])
     assert "--to-diffusers needs --ckpt" in capsys.readouterr().err
+
+
+# ------------------------------------------------- metadata round trip and DiTPipeline folders
+
+PIXEL_DATA = {"image_size": 8, "latent": False, "vae": None}
+CONSISTENCY = {"method": "consistency", "parametrisation": "x-eps", "sampler": "consistency",
+               "steps": list(range(1, 51)), "default_steps": 4, "guidance_range": None, "consistency_skip": 20}
+PROGRESSIVE = {"method": "progressive", "parametrisation": "x-eps", "sampler": "ddim-trailing", "steps": [2],
+               "default_steps": 2, "guidance_range": None, "consistency_skip": None}
+
+
+def pixel_checkpoint(path, sampling=None, seed=0):
+    """A training checkpoint of a random 8x8 one-channel digits model; an x-eps student if `sampling` says so."""
+    model = random_dit(seed, in_channels=1, learn_sigma=True)
+    checkpoint = {"config": model.config, "ema": model.state_dict(), "data": PIXEL_DATA}
+    if sampling:
+        checkpoint["sampling"] = sampling
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def convert(*args):
+    """convert_diffusers.py in this process (a subprocess would pay for importing torch and diffusers again)."""
+    import convert_diffusers
+    convert_diffusers.main(parse_args([str(a) for a in args]))
+
+
+def pipeline_images(folder, labels, seed, steps, guidance_scale=1.0):
+    """DiTPipeline's images as sample.py's [-1, 1] tensors. The re-noising of a consistency step comes from torch's
+    global RNG in the pipeline; set it where sample.py's generator is after the initial noise."""
+    import dit_pipeline  # noqa: F401  (diffusers finds the project's component classes once they are imported)
+    from diffusers import DiTPipeline
+    pipe = DiTPipeline.from_pretrained(folder, local_files_only=True)
+    config = pipe.transformer.config
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    torch.set_rng_state(generator.get_state())
+    images = pipe(labels, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
+                  num_inference_steps=steps, output_type="pt").images
+    return images * 2 - 1
+
+
+def sample_py_images(ckpt, labels, seed, steps, vae=None, **settings):
+    from sample import generate
+    model, data = load_dit_checkpoint(ckpt)
+    return generate(model, data, labels, seed=seed, num_sampling_steps=steps, vae=vae, progress=False,
+                    **settings).clamp(-1, 1)
+
+
+def test_pixel_checkpoint_round_trip_keeps_its_entries_and_samples_offline(tmp_path):
+    import sample
+    ckpt = pixel_checkpoint(tmp_path / "digits.pt", CONSISTENCY)
+    convert("--to-diffusers", "--ckpt", ckpt, "--out", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["_class_name"] == "XEpsDiTTransformer2DModel"
+    result = run_script("--from-diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt"))
+    assert result.returncode == 0, result.stderr
+    model, data = load_dit_checkpoint(ckpt)
+    back, back_data = load_dit_checkpoint(str(tmp_path / "back.pt"))
+    assert back_data == data and back.config == model.config and not back_data["latent"]
+    assert_same_state_dict(back.state_dict(), model.state_dict())
+    # a pixel model again: sample.py needs no VAE (and would fail offline fetching one for a latent model)
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "back.pt"), "--out", str(tmp_path / "grid.png")]))
+    assert (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_pipeline_folder_of_a_noise_predictor_matches_sample_py(tmp_path, guidance_scale):
+    """DPM-Solver++ 2M in the folder as in sample.py; guidance on a 1-channel model is the same in both conventions,
+    and DiTPipeline's null label 1000 reaches the model's own (10)."""
+    ckpt = pixel_checkpoint(tmp_path / "digits.pt")
+    convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--out", tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
+    labels = [0, 3, 7, 9]
+    ours = sample_py_images(ckpt, labels, 2, 6, sampler="dpm++2m", cfg_scale=guidance_scale)
+    theirs = pipeline_images(tmp_path / "pipe", labels, 2, 6, guidance_scale)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [CONSISTENCY, PROGRESSIVE], ids=["consistency", "progressive"])
+def test_few_step_student_pipeline_reproduces_its_own_sampler(tmp_path, sampling):
+    ckpt = pixel_checkpoint(tmp_path / "student.pt", sampling, seed=3)
+    convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--out", tmp_path / "pipe")
+    labels = [1, 2, 5]
+    steps = sampling["default_steps"]
+    ours = sample_py_images(ckpt, labels, 4, steps)
+    theirs = pipeline_images(tmp_path / "pipe", labels, 4, steps)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    if sampling is CONSISTENCY:  # the re-noising matters: other draws give other images
+        assert (pipeline_images(tmp_path / "pipe", labels, 5, steps)[:, :, :, :] - ours).abs().max() > 1e-2
+
+
+def test_latent_pipeline_with_its_vae(tmp_path):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    model = random_dit()
+    torch.save({"config": model.config, "ema": model.state_dict(),
+                "data": {"image_size": 64, "latent": True, "vae": None}}, tmp_path / "latent.pt")
+    ckpt = str(tmp_path / "latent.pt")
+    with pytest.raises(SystemExit, match="pass --vae"):
+        convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--out", tmp_path / "no_vae")
+    assert not (tmp_path / "no_vae").exists()
+    convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--vae", tmp_path / "vae", "--out", tmp_path / "pipe")
+    vae.eval()
+    ours = sample_py_images(ckpt, [1, 4], 0, 3, vae=vae, sampler="dpm++2m", cfg_scale=1.0)
+    theirs = pipeline_images(tmp_path / "pipe", [1, 4], 0, 3)
+    assert theirs.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_not_a_dit_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(SystemExit, match="not a DiT transformer"):
+        convert("--from-diffusers", tmp_path / "unet", "--out", tmp_path / "x.pt")
+    with pytest.raises(SystemExit):
+        parse_args(["--to-diffusers", "--ckpt", "x.pt", "--out", "o", "--vae", "ema"])
