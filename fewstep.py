@@ -51,15 +51,17 @@ def train_students(args):
         final_checkpoint(runs["guidance"], args.guidance_steps), progressive_steps
 
 
-def evaluate_rows(args, rows):
-    """rows: {name: (model, data, settings for generate)} -> {name: scores, forwards, seconds per image}."""
+def evaluate_rows(args, rows, cache_dir=None):
+    """rows: {name: (model, data, settings for generate)} -> {name: scores, forwards, seconds per image}.
+    args: num_samples, seed, timing_samples, out (the scorer's cache is out/scorer unless cache_dir)."""
     from evaluate import digits_scores
     from sample import forwards_per_step, generate, to_uint8_nhwc
     labels = [i % 10 for i in range(args.num_samples)]
     results = {}
     for name, (model, data, settings) in rows.items():
         images = generate(model, data, labels, seed=args.seed, batch_size=500, progress=False, **settings)
-        results[name] = digits_scores(to_uint8_nhwc(images), labels, cache_dir=os.path.join(args.out, "scorer"))
+        results[name] = digits_scores(to_uint8_nhwc(images), labels,
+                                      cache_dir=cache_dir or os.path.join(args.out, "scorer"))
         results[name]["forwards"] = settings["num_sampling_steps"] * forwards_per_step(model, settings["cfg_scale"])
         print(f"{name}: accuracy {results[name]['accuracy']:.3f}, Frechet {results[name]['frechet']:.2f}", flush=True)
     timings = {name: [] for name in rows}

@@ -6,9 +6,12 @@
 --distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
 student into the shipped few-step model (train.py --step-distillation, 4 steps, OUT/fewstep), 5. samples all four with
 the same classes and initial noise (teacher.npz, student.npz, scratch.npz, fewstep.npz), 6. scores them (evaluate.py),
-7. exports the distilled and the few-step student (export.py, fp32 and int8) and scores samples made through every
-exported file (run_exported.py), 8. writes report.md, a side-by-side grid and the loss curves into --out. Every step is reused when its output already exists, so
-rerunning after a stop continues where it stopped.
+7. scores the teacher and the distilled student under DDIM, DPM-Solver++ 2M and UniPC at 5 / 10 / 20 steps against
+DDIM 50 (samplers.py), 8. exports the distilled and the few-step student (export.py, fp32 and int8) and scores samples
+made through every exported file (run_exported.py), 9. writes report.md, a side-by-side grid and the loss curves into
+--out. The diffusion models sample with --sampler (DPM-Solver++ 2M, 20 steps: DDIM 50's quality in 2.5x fewer
+forwards, the sampler table). Every step is reused when its output already exists, so rerunning after a stop
+continues where it stopped.
 """
 import argparse
 import json
@@ -91,10 +94,22 @@ def sample_all(args, checkpoints):
 
 
 def sampling_settings(args, data):
-    """DDIM --steps for the diffusion models; the few-step student's own sampler and steps (unguided)."""
+    """--sampler in --steps for the diffusion models; the few-step student's own sampler and steps (unguided)."""
     if data["sampling"]["sampler"] is not None:
         return dict(sampler=None, num_sampling_steps=None, cfg_scale=1.0)
-    return dict(sampler="ddim", num_sampling_steps=args.steps, cfg_scale=args.cfg_scale)
+    return dict(sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale)
+
+
+def compare_samplers(args, checkpoints):
+    """samplers.py's table for the teacher and the distilled student (reused when samplers.json exists)."""
+    from models import load_dit_checkpoint
+    from samplers import sampler_table, table
+    path = os.path.join(args.out, "samplers.json")
+    models = {name: load_dit_checkpoint(checkpoints[name]) for name in ("teacher", "student")}
+    if os.path.exists(path):
+        with open(path) as f:
+            return table(json.load(f), models)
+    return sampler_table(args, models, cache_dir=os.path.join(args.out, "digits_scorer"))[0]
 
 
 def score_all(args):
@@ -131,7 +146,7 @@ def score_exports(args, exported):
     for name, path in exported.items():
         npz = path + ".samples.npz"
         if not os.path.exists(npz):  # the few-step files sample with their own sampler and steps
-            steps = [] if name.startswith("fewstep") else ["--num-steps", args.steps]
+            steps = [] if name.startswith("fewstep") else ["--sampler", args.sampler, "--num-steps", args.steps]
             run("run_exported.py", path, *steps, "--seed", args.seed, "--out", npz, "--num-samples", args.num_samples)
         with np.load(npz) as samples:
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
@@ -178,13 +193,14 @@ def save_loss_curves(args):
     return path
 
 
-def write_report(args, checkpoints, timings, scores, exported, export_scores):
+def write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown):
     from bench import flops_per_forward
     from models import load_dit_checkpoint
     from sample import forwards_per_step
     lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
              f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "
-             f"per model (classes 0-9 in turn, the same initial noise for every model), DDIM {args.steps} steps "
+             f"per model (classes 0-9 in turn, the same initial noise for every model), {args.sampler} {args.steps} "
+             f"steps "
              f"(the few-step student: its own sampler and steps), cfg scale {args.cfg_scale} (the few-step student: "
              f"1). Scores from evaluate.py's digits classifier (held-out real digits: "
              f"accuracy {scores['real']['accuracy']:.3f}, Frechet distance floor {scores['real']['frechet']:.2f}).",
@@ -206,7 +222,11 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores):
     lines += ["", "![teacher / distilled / scratch / few-step student](comparison.png)", "",
               "Rows: teacher, distilled student, scratch student, few-step student; columns: classes 0-9.", "",
               "![loss curves](loss_curves.png)", "",
-              "Exported students, sampled with the standalone runner (run_exported.py: DDIM "
+              f"Samplers (samplers.py; {args.num_samples} samples per row, the same labels and noise, unguided; time "
+              f"per image relative to the teacher's DDIM 50). The diffusion models above sample with {args.sampler} "
+              f"{args.steps}, the default chosen from this table: the fewest forwards that keep DDIM 50's scores.", "",
+              sampler_markdown, "",
+              f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "
               f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
               "and numpy noise for every file, so int8 is compared with fp32 on equal terms; its noise differs from "
               "sample.py's, so compare within this table):",
@@ -238,7 +258,9 @@ def parse_args(argv=None):
     parser.add_argument("--fewstep-steps", type=int, default=1200, help="its training steps")
     parser.add_argument("--fewstep-sampling-steps", type=int, default=4, help="the steps it samples in")
     parser.add_argument("--num-samples", type=int, default=500, help="samples per model for the scores")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
+    parser.add_argument("--sampler", choices=["ddim", "dpm++2m", "unipc"], default="dpm++2m",
+                        help="sampler of the diffusion models (DPM-Solver++ 2M: DDIM 50's scores at 20 steps, README)")
+    parser.add_argument("--steps", type=int, default=20, help="its sampling steps")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
     args = parser.parse_args(argv)
@@ -254,10 +276,11 @@ def main(args):
     timings = sample_all(args, checkpoints)
     scores = score_all(args)
     exported = export_students(args, checkpoints)
+    sampler_markdown = compare_samplers(args, checkpoints)
     export_scores = score_exports(args, exported)
     save_comparison_grid(args)
     save_loss_curves(args)
-    report = write_report(args, checkpoints, timings, scores, exported, export_scores)
+    report = write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown)
     print(open(report).read())
 
 

@@ -34,6 +34,13 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)",
                 "few-step student (DiT-Digits-S, consistency-distilled from the distilled student) | 330,248 | "):
         assert row in report
+    for sampler in ("ddim", "dpm++2m", "unipc"):  # the sampler table: teacher and student side by side
+        for steps in (5, 10, 20):
+            row = next(line for line in report.splitlines() if line.startswith(f"| {sampler} | {steps} |"))
+            assert len(row.split(" | ")) == 8, row
+    assert set(json.loads((out / "samplers.json").read_text())) == {
+        f"{model} {sampler} {steps}" for model in ("teacher", "student")
+        for sampler, steps in [("ddim", 50)] + [(s, n) for s in ("ddim", "dpm++2m", "unipc") for n in (5, 10, 20)]}
     fewstep_row = next(line for line in report.splitlines() if line.startswith("| few-step student"))
     assert fewstep_row.split(" | ")[3] == "4"  # forwards per image: its 4 steps
     scores = json.loads((out / "scores.json").read_text())
