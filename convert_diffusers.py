@@ -32,6 +32,7 @@ import tempfile
 import torch
 from diffusers import DiTTransformer2DModel
 
+from checks import UserError, number_in, positive_int, run_script
 from models import DiT, DiT_models, load_dit_checkpoint, save_checkpoint_atomic
 
 DIT_NORM_EPS = 1e-6  # the original DiT's layer-norm epsilon
@@ -207,7 +208,7 @@ def load_transformer(folder):
     with open(os.path.join(folder, "config.json")) as f:
         class_name = json.load(f).get("_class_name")
     if class_name not in DIFFUSERS_CLASSES:
-        raise ValueError(f"{folder} holds a {class_name}, not a DiT transformer ({' or '.join(DIFFUSERS_CLASSES)})")
+        raise UserError(f"{folder} holds a {class_name}, not a DiT transformer ({' or '.join(DIFFUSERS_CLASSES)})")
     return DiTTransformer2DModel.from_pretrained(folder, local_files_only=True)
 
 
@@ -218,7 +219,7 @@ def load_transformer(folder):
 def save_pretrained_atomic(transformer, folder):
     """save_pretrained into a temporary folder beside `folder`, renamed into place; refuses a non-empty folder."""
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise FileExistsError(f"{folder} already exists and is not an empty folder; choose a new --out or remove it")
+        raise UserError(f"{folder} already exists and is not an empty folder; choose a new --out or remove it")
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(dir=parent, prefix=".convert-")
@@ -246,12 +247,12 @@ def parse_args(argv=None):
     to_diffusers.add_argument("--ckpt", help="DiT checkpoint to convert: a training checkpoint (config + ema/model) "
                                              "or a raw state_dict such as the official DiT-XL-2-256x256.pt")
     to_diffusers.add_argument("--model", choices=list(DiT_models), help="model size of a raw state_dict --ckpt")
-    to_diffusers.add_argument("--image-size", type=int, help="image size in pixels of a raw state_dict --ckpt "
+    to_diffusers.add_argument("--image-size", type=positive_int, help="image size in pixels of a raw state_dict --ckpt "
                                                              "(e.g. 256; the model sees latents of image-size / 8)")
-    to_diffusers.add_argument("--num-classes", type=int,
+    to_diffusers.add_argument("--num-classes", type=positive_int,
                               help="number of classes of a raw state_dict --ckpt (default 1000)")
     from_diffusers = parser.add_argument_group("--from-diffusers options")
-    from_diffusers.add_argument("--class-dropout-prob", type=float,
+    from_diffusers.add_argument("--class-dropout-prob", type=number_in(float, 0, 1, high_open=True),
                                 help="label-dropout probability of the converted DiT (diffusers does not record it; "
                                      "default 0.1, its fixed value; 0 drops the null-label row)")
     from_diffusers.add_argument("--allow-unshared-embedders", action="store_true",
@@ -266,8 +267,6 @@ def parse_args(argv=None):
         parser.error("--class-dropout-prob and --allow-unshared-embedders are --from-diffusers options")
     if args.from_diffusers and to_options:
         parser.error("--ckpt, --model, --image-size and --num-classes are --to-diffusers options")
-    if args.class_dropout_prob is not None and not 0 <= args.class_dropout_prob < 1:
-        parser.error(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
     return args
 
 
@@ -296,4 +295,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

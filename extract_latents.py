@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from checks import non_negative_int, positive_int, run_script
 from data import LATENT_SCALE, ImageFolderDataset, encode_images, latents_shard_path, load_vae
+from models import VAE_DOWNSAMPLE
 
 
 def save_atomically(save, path):
@@ -92,22 +94,28 @@ def main(args):
     print(f"done: {len(dataset)} latents of shape {tuple(shard['latents'].shape[1:])} in {args.out}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Encode an image folder into VAE latent shards for training.")
     parser.add_argument("--data-path", type=str, required=True,
                         help="image folder laid out as root/<class>/<image> (like ImageNet's train folder)")
-    parser.add_argument("--image-size", type=int, default=256, help="centre-crop size in pixels before encoding")
+    parser.add_argument("--image-size", type=positive_int, default=256,
+                        help="centre-crop size in pixels before encoding (a multiple of the VAE's 8)")
     parser.add_argument("--vae", type=str, default="ema",
                         help="'ema' or 'mse' (stabilityai/sd-vae-ft-*), another hub id, or a local VAE folder")
     parser.add_argument("--out", type=str, required=True,
                         help="output folder for meta.json and latents_*.pt; rerun with the same one to resume")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
-    parser.add_argument("--shard-size", type=int, default=10000, help="images per latents_*.pt file")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE forward pass")
+    parser.add_argument("--shard-size", type=positive_int, default=10000, help="images per latents_*.pt file")
     parser.add_argument("--mode", type=str, choices=["sample", "mean"], default="sample",
                         help="store a sample of each latent distribution (as DiT trains) or its mean")
-    parser.add_argument("--seed", type=int, default=0, help="shard k samples latents with seed + k")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes that decode images")
-    args = parser.parse_args()
-    if args.batch_size < 1 or args.shard_size < 1:
-        parser.error("--batch-size and --shard-size must be positive")
-    main(args)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="shard k samples latents with seed + k")
+    parser.add_argument("--num-workers", type=non_negative_int, default=4,
+                        help="DataLoader worker processes that decode images")
+    args = parser.parse_args(argv)
+    if args.image_size % VAE_DOWNSAMPLE:
+        parser.error(f"--image-size {args.image_size} must be a multiple of the VAE's {VAE_DOWNSAMPLE}")
+    return args
+
+
+if __name__ == "__main__":
+    run_script(main, parse_args)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from checks import (check_output_path, non_negative_float, non_negative_int, positive_float, positive_int,
+                    run_script, write_atomically)
 from diffusion import create_diffusion
 from models import EPS_SAMPLING, DiT_models, load_dit_checkpoint
 from step_distill import consistency_sample, ddim_trailing_sample
@@ -181,10 +183,8 @@ def default_labels(num_classes, num_samples):
 
 def save_npz(path, images, labels):
     """ADM layout: arr_0 uint8 (N, H, W, C), arr_1 int64 labels (N,); written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp.npz"
-    np.savez(temporary, arr_0=to_uint8_nhwc(images), arr_1=np.asarray(labels, dtype=np.int64))
-    os.replace(temporary, path)
+    arrays = dict(arr_0=to_uint8_nhwc(images), arr_1=np.asarray(labels, dtype=np.int64))
+    write_atomically(path, lambda temporary: np.savez(temporary, **arrays))
 
 
 def add_checkpoint_args(parser):
@@ -193,9 +193,10 @@ def add_checkpoint_args(parser):
                                                       "state_dict (then also --model and --image-size)")
     raw = parser.add_argument_group("raw state_dicts (official DiT checkpoints)")
     raw.add_argument("--model", choices=list(DiT_models), default=None, help="architecture of a raw state_dict")
-    raw.add_argument("--image-size", type=int, default=None,
+    raw.add_argument("--image-size", type=positive_int, default=None,
                      help="image size in pixels of a raw state_dict (256 or 512 for the official ones)")
-    raw.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    raw.add_argument("--num-classes", type=positive_int, default=None,
+                     help="classes of a raw state_dict (default 1000)")
 
 
 def parse_args(argv=None):
@@ -206,21 +207,22 @@ def parse_args(argv=None):
                           help="ddpm: ancestral; ddim: the original's grid; ddim-trailing: DDIM from t = 999, for "
                                "few steps; consistency: multistep consistency sampling (consistency students). "
                                "Default: the checkpoint's own (a step-distilled student's), else ddpm")
-    sampling.add_argument("--num-sampling-steps", type=int, default=None,
+    sampling.add_argument("--num-sampling-steps", type=positive_int, default=None,
                           help="number of steps (default: the steps a few-step student was distilled for, else 250)")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    sampling.add_argument("--cfg-scale", type=float, default=None,
+    sampling.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    sampling.add_argument("--cfg-scale", type=non_negative_float, default=None,
                           help="classifier-free guidance scale (1: none). Default 4, or 1 for a few-step student "
                                "distilled without guidance; a guidance-distilled model takes it as input (one "
                                "forward per step) within its trained range")
-    sampling.add_argument("--temperature", type=float, default=1.0,
+    sampling.add_argument("--temperature", type=positive_float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
-    sampling.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
-    sampling.add_argument("--class-labels", type=int, nargs="+", default=None,
+    sampling.add_argument("--seed", type=non_negative_int, default=0,
+                          help="random seed: the same seed gives the same images")
+    sampling.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None,
                           help="classes to sample (default: the original demo classes for 1000 classes, else all)")
-    sampling.add_argument("--num-samples", type=int, default=None,
+    sampling.add_argument("--num-samples", type=positive_int, default=None,
                           help="number of images; --class-labels (or the defaults) repeat to fill it")
-    sampling.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    sampling.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     sampling.add_argument("--vae", default=None, help="VAE to decode latents: ema, mse, a local folder or a hub id "
                                                       "(default: the checkpoint's, else ema)")
     output = parser.add_argument_group("output")
@@ -228,14 +230,11 @@ def parse_args(argv=None):
     output.add_argument("--npz", default=None, help="also write the samples as an ADM-layout .npz here")
     output.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = parser.parse_args(argv)
-    if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
-        parser.error("--num-sampling-steps must be at least 1")
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive")
-    if args.num_samples is not None and args.num_samples < 1:
-        parser.error("--num-samples must be at least 1")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt} does not exist")
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path is not None:
+            check_output_path(parser, flag, path)
     return args
 
 
@@ -280,4 +279,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from checks import (check_output_path, lock_folder, non_negative_float, non_negative_int, positive_float,
+                    positive_int, remove_temporaries, run_script, write_atomically)
 from models import load_dit_checkpoint
 from sample import SAMPLERS, add_checkpoint_args, generate, resolve_sampling, save_npz
 from train import cleanup, derived_seed, setup_distributed
@@ -208,40 +210,39 @@ def parse_args(argv=None):
                                                  "torchrun or as one process; rerun the same command to resume.")
     add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--num-samples", type=int, default=50_000,
+    sampling.add_argument("--num-samples", type=positive_int, default=50_000,
                           help="number of images; sample i has class label i %% num_classes")
-    sampling.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
+    sampling.add_argument("--per-proc-batch-size", type=positive_int, default=32,
+                          help="images per forward pass per process")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                           help="as sample.py's --sampler (default: the checkpoint's own, else ddpm)")
-    sampling.add_argument("--num-sampling-steps", type=int, default=None,
+    sampling.add_argument("--num-sampling-steps", type=positive_int, default=None,
                           help="number of steps (default: the steps a few-step student was distilled for, else 250)")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    sampling.add_argument("--cfg-scale", type=float, default=None,
+    sampling.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    sampling.add_argument("--cfg-scale", type=non_negative_float, default=None,
                           help="classifier-free guidance scale (1: none; default 1.5 as the original sample_ddp.py, "
                                "1 for a few-step student distilled without guidance); one forward per step for a "
                                "guidance-distilled model")
-    sampling.add_argument("--temperature", type=float, default=1.0,
+    sampling.add_argument("--temperature", type=positive_float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
-    sampling.add_argument("--seed", type=int, default=0, help="random seed; chunk k's noise comes from (seed, k)")
+    sampling.add_argument("--seed", type=non_negative_int, default=0,
+                          help="random seed; chunk k's noise comes from (seed, k)")
     sampling.add_argument("--vae", default=None, help="VAE to decode latents: ema, mse, a local folder or a hub id "
                                                       "(default: the checkpoint's, else ema)")
     output = parser.add_argument_group("output")
     output.add_argument("--sample-dir", required=True,
                         help="folder for meta.json and the chunks (shared by all nodes of a multi-node run)")
-    output.add_argument("--chunk-size", type=int, default=256,
+    output.add_argument("--chunk-size", type=positive_int, default=256,
                         help="consecutive samples per chunk file; a stopped job loses the chunks in flight. A "
                              "multiple of --per-proc-batch-size keeps every batch full")
     output.add_argument("--out", default=None, help="the final .npz (default: SAMPLE_DIR/samples_NUM_SAMPLES.npz)")
     args = parser.parse_args(argv)
-    for flag in ("num_samples", "per_proc_batch_size", "num_sampling_steps", "chunk_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt} does not exist")
+    if args.out is not None:
+        check_output_path(parser, "--out", args.out)
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -154,7 +154,7 @@ def test_sample_bad_inputs_fail_clearly(case, extra, error, pixel_ckpt, latent_f
 
 @pytest.mark.parametrize("argv, message", [
     (["--ckpt", "{tmp}/missing.pt"], "does not exist"),
-    (["--ckpt", "{ckpt}", "--temperature", "0"], "--temperature must be positive"),
+    (["--ckpt", "{ckpt}", "--temperature", "0"], "--temperature: 0 is not a finite number > 0"),
 ])
 def test_sample_argument_errors_exit_2(argv, message, pixel_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -227,7 +227,7 @@ def test_ddp_refuses_other_settings(pixel_ckpt, tmp_path):
 
 def test_ddp_bad_inputs(pixel_ckpt, latent_files, tmp_path, capsys):
     for argv, message in [(ddp_args(tmp_path / "missing.pt", tmp_path), "does not exist"),
-                          (ddp_args(pixel_ckpt, tmp_path, "--num-samples", 0), "--num-samples must be at least 1")]:
+                          (ddp_args(pixel_ckpt, tmp_path, "--num-samples", 0), "--num-samples: 0 is not an integer >= 1")]:
         with pytest.raises(SystemExit) as exit_info:
             sample_ddp.parse_args([str(a) for a in argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
