@@ -179,7 +179,7 @@ def test_extract_latents_end_to_end_and_resume(tmp_path, tiny_vae_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_images"] == 5 and meta["num_shards"] == 3 and meta["class_names"] == ["a", "b"]
     assert meta["latent_scale"] == LATENT_SCALE and meta["flip"] is False
-    assert sorted(os.listdir(out)) == ["latents_00000.pt", "latents_00001.pt", "latents_00002.pt", "meta.json"]
+    assert sorted(os.listdir(out)) == [".lock", "latents_00000.pt", "latents_00001.pt", "latents_00002.pt", "meta.json"]
 
     dataset = LatentsDataset(str(out))
     assert len(dataset) == 5 and dataset.class_names == ["a", "b"]
@@ -207,7 +207,7 @@ def test_extract_latents_end_to_end_and_resume(tmp_path, tiny_vae_path):
     assert {k: os.stat(latents_shard_path(out, k)).st_mtime_ns for k in (0, 2)} == stamps
     again = torch.load(latents_shard_path(out, 1), weights_only=True)
     assert torch.equal(again["latents"], middle["latents"]) and torch.equal(again["labels"], middle["labels"])
-    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
 
     # Other settings into the same folder are refused instead of mixing shards.
     third = run_script(*command[:-4], "--shard-size", "3", "--num-workers", "0")
