@@ -74,9 +74,14 @@ def number_in(kind, low=None, high=None, low_open=False, high_open=False):
 
     argparse then reports a wrong value as "argument --flag: VALUE is not ..." with the allowed range.
     """
-    described = ("an integer" if kind is int else "a finite number") + "".join(
-        f" {sign} {bound:g}" for sign, bound in ((">" if low_open else ">=", low), ("<" if high_open else "<=", high))
-        if bound is not None)
+    noun = "an integer" if kind is int else "a finite number"
+    if low is not None and high is not None:
+        described = f"{noun} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None or high is not None:
+        described = f"{noun} {'>' if low_open else '>='} {low:g}" if low is not None else \
+            f"{noun} {'<' if high_open else '<='} {high:g}"
+    else:
+        described = noun
 
     def parse(text):
         try:

@@ -40,17 +40,19 @@ def run(script, *arguments):
     command = [sys.executable, os.path.join(ROOT, script), *map(str, arguments)]
     print("$ " + " ".join(command[1:]), flush=True)
     child = subprocess.Popen(command)
+    received = []
 
-    def forward(signum, frame):
+    def forward(signum, frame):  # no wait() in here: the interrupted child.wait() below holds its lock
+        received.append(signum)
         child.send_signal(signum)
-        child.wait()
-        sys.exit(128 + signum)
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        returncode = child.wait()
+        returncode = child.wait()  # until the child has ended, stopped by a forwarded signal or not
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if received:
+        sys.exit(128 + received[0])
     if returncode:
         raise UserError(f"{script} failed (exit status {returncode}) - see its message above; rerunning the same "
                         f"command reuses the finished steps")

@@ -242,10 +242,7 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample.py
     torch.backends.cudnn.allow_tf32 = True
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)  # or a UserError
     if args.vae and not data["latent"]:
         raise SystemExit("error: this model denoises pixels, not VAE latents: drop --vae")
     model.to(device)

@@ -181,10 +181,7 @@ def main(args):
 def sample(args, rank, world_size, device):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample_ddp.py
     torch.backends.cudnn.allow_tf32 = True
-    try:
-        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)  # or a UserError
     model.to(device)
     try:  # the checkpoint's own sampler and steps where not given (a few-step student's), written into meta.json
         args.sampler, args.num_sampling_steps, args.cfg_scale = resolve_sampling(

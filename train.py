@@ -169,11 +169,8 @@ def load_teacher(args, data, device):
                            "truncated, or not a DiT checkpoint: pass a complete --teacher-ckpt")
     if "ema" in checkpoint or "model" in checkpoint:  # a training checkpoint: its EMA weights
         checkpoint = checkpoint.get("ema", checkpoint.get("model"))
-    try:
-        load_state_dict_strict(teacher, checkpoint, f"--teacher-ckpt {args.teacher_ckpt} (for --teacher-model "
-                                                    f"{args.teacher_model})")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    load_state_dict_strict(teacher, checkpoint, f"--teacher-ckpt {args.teacher_ckpt} (for --teacher-model "
+                                                f"{args.teacher_model})")
     teacher.requires_grad_(False)  # frozen three ways: no grads, eval mode, and no_grad around its call
     teacher.eval()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -197,10 +194,7 @@ def load_step_teacher(args, data, device):
     from models import load_dit_checkpoint
     raw = dict(model_name=args.teacher_model, image_size=data["image_size"], num_classes=data["num_classes"]) \
         if args.teacher_model else {}
-    try:
-        teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt, **raw)
-    except ValueError as error:
-        raise SystemExit(f"error: --teacher-ckpt: {error}") from None
+    teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt, **raw)  # a UserError names the file
     shape = {k: teacher.config[k] for k in ("input_size", "in_channels", "num_classes")}
     if shape != {k: data[k] for k in shape} or teacher_data["latent"] != data["latent"]:
         raise SystemExit(f"error: the teacher {args.teacher_ckpt} denoises {shape} "

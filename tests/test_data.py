@@ -195,18 +195,24 @@ def test_extract_latents_end_to_end_and_resume(tmp_path, tiny_vae_path):
     standardized = (latents - latent_dist.mean * 0.18215) / (latent_dist.std * 0.18215)
     assert abs(standardized.mean()) < 0.2 and 0.8 < standardized.std() < 1.2
 
-    # Resume: remove the middle shard; a rerun writes only that one, identical to before.
-    stamps = {k: os.stat(latents_shard_path(out, k)).st_mtime_ns for k in (0, 2)}
-    middle = torch.load(latents_shard_path(out, 1), weights_only=True)
+    # Resume: remove the middle shard and truncate the first (a disk error, a copy cut short); a rerun writes only
+    # those two, identical to before.
+    stamp = os.stat(latents_shard_path(out, 2)).st_mtime_ns
+    before = [torch.load(latents_shard_path(out, k), weights_only=True) for k in (0, 1)]
     os.remove(latents_shard_path(out, 1))
     with pytest.raises(FileNotFoundError, match="rerun"):
         LatentsDataset(str(out))
+    with open(latents_shard_path(out, 0), "r+b") as f:
+        f.truncate(400)
+    (out / ".tmp-killed.pt").write_bytes(b"what a killed writer leaves")
     second = run_script(*command)
     assert second.returncode == 0, second.stderr
-    assert "2 already complete, 1 to write" in second.stdout
-    assert {k: os.stat(latents_shard_path(out, k)).st_mtime_ns for k in (0, 2)} == stamps
-    again = torch.load(latents_shard_path(out, 1), weights_only=True)
-    assert torch.equal(again["latents"], middle["latents"]) and torch.equal(again["labels"], middle["labels"])
+    assert f"{latents_shard_path(out, 0)}: cannot be read" in second.stdout
+    assert "1 already complete, 2 to write" in second.stdout
+    assert os.stat(latents_shard_path(out, 2)).st_mtime_ns == stamp
+    for k in (0, 1):
+        again = torch.load(latents_shard_path(out, k), weights_only=True)
+        assert torch.equal(again["latents"], before[k]["latents"]) and torch.equal(again["labels"], before[k]["labels"])
     assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
 
     # Other settings into the same folder are refused instead of mixing shards.
