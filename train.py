@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from checks import (UserError, lock_folder, non_negative_float, non_negative_int, number_in, positive_float,
-                    positive_int, probability, read_file, remove_temporaries, run_script)
+from checks import (lock_folder, non_negative_float, non_negative_int, number_in, positive_float, positive_int,
+                    probability, read_file, remove_temporaries, run_script)
 from diffusion import create_diffusion
 from distill import (STAGE_TERMS, STAGES, FeatureProjections, feature_loss, gaussian_kl_loss, init_student_from_teacher,
                      output_loss, softmax_kl_loss, stage_at, teacher_block_indices)

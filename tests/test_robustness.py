@@ -84,6 +84,10 @@ def test_a_held_lock_stops_train_and_sample_ddp_before_they_write(tmp_path):
     assert os.listdir(results) == [checks.LOCK_FILE]
     with lock_folder(str(results), "--results-dir"):  # released when the holder is done
         pass
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="a-file/run: cannot be created .* choose another --results-dir"):
+        train.main(train.parse_args(["--model", "DiT-Digits-S", "--max-steps", "2", "--results-dir",
+                                     str(tmp_path / "a-file" / "run")]))
 
 
 # ---------------------------------------------------------------- flags validated where they are parsed
