@@ -97,26 +97,26 @@ def prepare_sample_dir(sample_dir, settings, num_classes, num_chunks):
     write_atomically(meta_path, save)
 
 
-def load_chunk(path, indices, labels):
-    """(images (n, H, W, C) uint8 or None, None or why the chunk cannot be used): it must load and hold the count
-    and labels of samples `indices` of this run."""
+def load_chunk(path, indices, labels, fix):
+    """(images (n, H, W, C) uint8, None), or (None, why the chunk cannot be used, then `fix`): it must load and hold
+    the count and labels of samples `indices` of this run."""
     def load(p):
         with np.load(p) as npz:
             return npz["arr_0"], npz["arr_1"]  # (n, H, W, C), (n,)
     try:
-        images, chunk_labels = read_file(path, load, "delete it and rerun the same command to sample it again")
+        images, chunk_labels = read_file(path, load, fix)
     except UserError as error:
         return None, str(error)
     if images.dtype != np.uint8 or len(images) != len(indices) or \
             not np.array_equal(chunk_labels, labels[indices.start:indices.stop]):
         return None, (f"{path}: holds {len(images)} images ({images.dtype}) with other labels than samples "
-                      f"{indices.start}..{indices.stop - 1} of this run - delete it and rerun the same command")
+                      f"{indices.start}..{indices.stop - 1} of this run - {fix}")
     return images, None
 
 
 def read_chunk(path, indices, labels):
     """A finished chunk's images (n, H, W, C) uint8, after checking its count and labels against the run's."""
-    images, problem = load_chunk(path, indices, labels)
+    images, problem = load_chunk(path, indices, labels, "delete it and rerun the same command to sample it again")
     if problem:
         raise UserError(problem)
     return images
@@ -128,9 +128,10 @@ def remove_broken_chunks(args, num_chunks, num_classes):
     for chunk in range(num_chunks):
         path = chunk_path(args.sample_dir, chunk)
         if os.path.isfile(path):
-            problem = load_chunk(path, chunk_indices(chunk, args.chunk_size, args.num_samples), labels)[1]
+            problem = load_chunk(path, chunk_indices(chunk, args.chunk_size, args.num_samples), labels,
+                                 "sampling it again")[1]
             if problem:
-                print(f"{problem.rsplit(' - ', 1)[0]}: sampling it again", flush=True)
+                print(problem, flush=True)
                 os.remove(path)
 
 
