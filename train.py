@@ -590,11 +590,12 @@ def check_image_size(parser, args):
     if args.image_size is None or name is None:
         return
     from models import VAE_DOWNSAMPLE
-    multiple = model_config(name)["patch_size"] * (VAE_DOWNSAMPLE if args.data_path else 1)
+    patch = model_config(name)["patch_size"]
+    multiple = patch * (VAE_DOWNSAMPLE if args.data_path else 1)
     if args.image_size % multiple:
-        parser.error(f"--image-size {args.image_size} must be a multiple of {multiple} for {name} "
-                     + (f"(latents of image-size / {VAE_DOWNSAMPLE}, " if args.data_path else "(")
-                     + f"patches of {model_config(name)['patch_size']})")
+        grid = f"latents of image-size / {VAE_DOWNSAMPLE} in patches of {patch}" if args.data_path else \
+            f"patches of {patch}"
+        parser.error(f"--image-size {args.image_size} must be a multiple of {multiple} for {name} ({grid})")
 
 
 def parse_args(argv=None):
