@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checks import non_negative_float, positive_int, run_script
+from checks import check_output_path, non_negative_float, positive_int, run_script
 from data import LATENT_SCALE
 from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import get_named_beta_schedule
@@ -514,6 +514,8 @@ def parse_args(argv=None):
         parser.error(INT8_EXPORTED_UNSUPPORTED)
     if args.out is not None and not args.out.endswith(EXTENSIONS[args.format]):
         parser.error(f"--out {args.out} must end in {EXTENSIONS[args.format]} for --format {args.format}")
+    if args.out is not None:
+        check_output_path(parser, "--out", args.out)
     if args.batch_size < 1 or args.repeats < 1 or args.threads is not None and args.threads < 1:
         parser.error("--batch-size, --repeats and --threads must be at least 1")
     calibrating = args.int8 and args.format == "onnx"

@@ -435,6 +435,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.error(f"--out {args.out} must end in .npz")
+    for flag, path in (("--out", args.out), ("--png", args.png)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error(f"{flag} {path}: {folder} is not a writable folder")
     return args
 
 
