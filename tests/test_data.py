@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import extract_latents
+from checks import UserError, lock_folder
 from data import (LATENT_SCALE, DigitsDataset, ImageFolderDataset, LatentsDataset, center_crop_arr, decode_latents,
                   encode_images, latents_shard_path, load_digits_arrays, load_vae)
 
@@ -224,8 +225,13 @@ def test_extract_latents_mean_mode_matches_encoder(tmp_path, tiny_vae_path):
     images = write_image_folder(tmp_path / "images", {"a": [(16, 16)], "b": [(20, 16), (16, 16)]})
     out = tmp_path / "latents"
     # in this process (the script's main, without its argparse) to spare a second start of torch and diffusers
-    extract_latents.main(argparse.Namespace(data_path=str(images), image_size=16, vae=tiny_vae_path, out=str(out),
-                                            batch_size=2, shard_size=2, mode="mean", seed=0, num_workers=0))
+    args = argparse.Namespace(data_path=str(images), image_size=16, vae=tiny_vae_path, out=str(out), batch_size=2,
+                              shard_size=2, mode="mean", seed=0, num_workers=0)
+    with lock_folder(str(out), "--out"):  # another run on the same folder: refused before it writes anything
+        with pytest.raises(UserError, match=f"{out}: in use by pid {os.getpid()} .* choose another --out"):
+            extract_latents.main(args)
+        assert os.listdir(out) == [".lock"]
+    extract_latents.main(args)
     dataset = LatentsDataset(str(out))
     latents = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (3, 4, 8, 8)
     pixels = torch.stack([x for x, _ in ImageFolderDataset(str(images), 16, flip=False)])
