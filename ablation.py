@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from checks import non_negative_float, run_script
 from run_digits import STUDENT, TEACHER, TRAINING, final_checkpoint, run
 
 # name -> train.py flags. The first five train all their terms from the first step (no stages), adding one term at
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=1800, help="student training steps of every variant")
     parser.add_argument("--num-samples", type=int, default=2000, help="samples scored per run")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--cfg-scale", type=non_negative_float, default=1.0, help="classifier-free guidance scale")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="variants to run (default: all)")
     args = parser.parse_args(argv)
@@ -109,4 +110,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from checks import non_negative_float, positive_float, run_script
 from data import LATENT_SCALE, LatentsDataset, encode_images, latents_shard_path, load_vae
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
@@ -689,12 +690,13 @@ def parse_args(argv=None):
     measure.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps the time per image is given for")
     measure.add_argument("--full", action="store_true",
                          help="run the whole 250-step DDPM and --ddim-steps DDIM loops instead of extrapolating")
-    measure.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (not 1)")
+    measure.add_argument("--cfg-scale", type=non_negative_float, default=1.5,
+                         help="classifier-free guidance scale (not 1)")
     measure.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     measure.add_argument("--repeats", type=int, default=None, help="timed calls; the median is reported")
     measure.add_argument("--num-workers", type=int, default=None,
                          help="data loader processes for the latents row (train.py's default for latents is 4)")
-    measure.add_argument("--peak-tflops", type=float, default=None,
+    measure.add_argument("--peak-tflops", type=positive_float, default=None,
                          help="device peak TFLOP/s for MFU (default: the dense bf16 peak of a known GPU)")
     measure.add_argument("--threads", type=int, default=None,
                          help="CPU threads for torch (default: torch's choice; 1 is steadier on a shared machine)")
@@ -755,4 +757,4 @@ def check_args(parser, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -16,6 +16,7 @@ import time
 import torch
 
 import export
+from checks import run_script
 from models import DiT_models
 
 DIGITS_CONFIG = dict(input_size=8, in_channels=1, num_classes=10)  # the embedded default's student
@@ -96,4 +97,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -40,6 +40,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 import dit_pipeline
+from checks import UserError, number_in, positive_int, run_script
 from dit_pipeline import OriginalDiTTransformer2DModel, XEpsDiTTransformer2DModel, use_original_timestep_frequencies
 from models import DiT, DiT_models, load_dit_checkpoint, save_checkpoint_atomic
 
@@ -59,7 +60,7 @@ def diffusers_config(config):
     """DiT config (model.config) -> DiTTransformer2DModel keyword arguments."""
     hidden_size, num_heads = config["hidden_size"], config["num_heads"]
     if int(hidden_size * config["mlp_ratio"]) != 4 * hidden_size:
-        raise ValueError(f"diffusers' DiTTransformer2DModel fixes the MLP width at 4 x hidden_size; this DiT has "
+        raise UserError(f"diffusers' DiTTransformer2DModel fixes the MLP width at 4 x hidden_size; this DiT has "
                          f"mlp_ratio={config['mlp_ratio']}, so it cannot be converted")
     in_channels = config["in_channels"]
     return dict(
@@ -81,15 +82,15 @@ def dit_config(config, class_dropout_prob):
                     norm_elementwise_affine=False)
     for key, value in required.items():
         if config[key] != value:
-            raise ValueError(f"DiT needs a diffusers config with {key}={value!r}; this model has {config[key]!r}")
+            raise UserError(f"DiT needs a diffusers config with {key}={value!r}; this model has {config[key]!r}")
     sample_size, patch_size = config["sample_size"], config["patch_size"]
     if not isinstance(sample_size, int) or not isinstance(patch_size, int):
-        raise ValueError(f"DiT needs square inputs and patches (integer sample_size and patch_size); this model has "
+        raise UserError(f"DiT needs square inputs and patches (integer sample_size and patch_size); this model has "
                          f"sample_size={sample_size!r}, patch_size={patch_size!r}")
     in_channels = config["in_channels"]
     out_channels = in_channels if config["out_channels"] is None else config["out_channels"]
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"DiT predicts in_channels (noise) or 2 x in_channels (noise and learned sigma) channels; "
+        raise UserError(f"DiT predicts in_channels (noise) or 2 x in_channels (noise and learned sigma) channels; "
                          f"this model has in_channels={in_channels}, out_channels={out_channels}")
     return dict(
         input_size=sample_size, patch_size=patch_size, in_channels=in_channels,
@@ -131,7 +132,7 @@ def dit_to_diffusers(model, transformer_class=DiTTransformer2DModel):
 
     reference = transformer.pos_embed.pos_embed.to(ours["pos_embed"].dtype)
     if ours["pos_embed"].shape != reference.shape or not torch.allclose(ours["pos_embed"], reference, atol=1e-5):
-        raise ValueError("this DiT's pos_embed is not the fixed 2-D sin-cos table; diffusers recomputes that table "
+        raise UserError("this DiT's pos_embed is not the fixed 2-D sin-cos table; diffusers recomputes that table "
                          "and cannot store another, so the conversion would change the model")
     table = ours["y_embedder.embedding_table.weight"]  # (num_classes + use_cfg_embedding, D)
     if table.shape[0] == config["num_classes"]:  # trained without label dropout: diffusers' table still has a null row
@@ -173,7 +174,7 @@ def dit_from_diffusers(source, class_dropout_prob=0.1, allow_unshared_embedders=
             unshared.append(their_name)
         ours.setdefault(our_name, tensor)
     if unshared and not allow_unshared_embedders:
-        raise ValueError(f"{len(unshared)} tensors of the per-block timestep/class embedders differ from block 0's "
+        raise UserError(f"{len(unshared)} tensors of the per-block timestep/class embedders differ from block 0's "
                          f"(first: {unshared[0]}, largest difference {largest_gap:.3g}); DiT shares one embedder. "
                          f"Pass allow_unshared_embedders=True (--allow-unshared-embedders) to use block 0's; the "
                          f"converted DiT will then not match this diffusers model")
@@ -183,7 +184,7 @@ def dit_from_diffusers(source, class_dropout_prob=0.1, allow_unshared_embedders=
                 [theirs[f"transformer_blocks.{i}.attn1.{name}.{suffix}"] for name in ("to_q", "to_k", "to_v")])
     table = ours["y_embedder.embedding_table.weight"]
     if table.shape[0] != config["num_classes"] + 1:
-        raise ValueError(f"expected a class table of num_embeds_ada_norm + 1 = {config['num_classes'] + 1} rows, "
+        raise UserError(f"expected a class table of num_embeds_ada_norm + 1 = {config['num_classes'] + 1} rows, "
                          f"found {table.shape[0]}")
     if class_dropout_prob == 0:
         ours["y_embedder.embedding_table.weight"] = table[:-1]  # DiT without label dropout has no null row
@@ -208,7 +209,7 @@ def load_transformer(folder):
     with open(os.path.join(folder, "config.json")) as f:
         class_name = json.load(f).get("_class_name")
     if class_name not in DIFFUSERS_CLASSES:
-        raise ValueError(f"{folder} holds a {class_name}, not a DiT transformer ({', '.join(DIFFUSERS_CLASSES)})")
+        raise UserError(f"{folder} holds a {class_name}, not a DiT transformer ({', '.join(DIFFUSERS_CLASSES)})")
     return DIFFUSERS_CLASSES[class_name].from_pretrained(folder, local_files_only=True)
 
 
@@ -229,7 +230,7 @@ def read_sidecar(folder):
 def write_folder_atomic(write, folder):
     """write(temporary folder), renamed into place at `folder`; refuses a non-empty folder."""
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise FileExistsError(f"{folder} already exists and is not an empty folder; choose a new --out or remove it")
+        raise UserError(f"{folder} already exists and is not an empty folder; choose a new --out or remove it")
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(dir=parent, prefix=".convert-")
@@ -246,7 +247,7 @@ def project_transformer(model, data):
     """The DiT as the dit_pipeline transformer that computes what it computes, and the SIDECAR entries."""
     sampling = data["sampling"]
     if model.w_embedder is not None:
-        raise ValueError(f"this is a {sampling['method']}-distilled student that takes the guidance scale w as an "
+        raise UserError(f"this is a {sampling['method']}-distilled student that takes the guidance scale w as an "
                          f"input, which diffusers' DiTTransformer2DModel has no place for; convert its teacher, or "
                          f"sample it with sample.py / export.py")
     x_eps = sampling["parametrisation"] == "x-eps"
@@ -271,10 +272,10 @@ def pipeline_decoder(data, vae):
     folder, a cached hub id, or ema / mse) or else the VAE the checkpoint names."""
     if not data["latent"]:
         if vae:
-            raise ValueError("this model denoises pixels, not VAE latents: drop --vae")
+            raise UserError("this model denoises pixels, not VAE latents: drop --vae")
         return dit_pipeline.PixelDecoder()
     if not (vae or data["vae"]):
-        raise ValueError("this model denoises VAE latents and its checkpoint names no VAE: pass --vae with the "
+        raise UserError("this model denoises VAE latents and its checkpoint names no VAE: pass --vae with the "
                          "folder of the Stable Diffusion VAE it was trained with (e.g. sd-vae-ft-ema)")
     from data import load_vae
     return load_vae(vae or data["vae"], "cpu")
@@ -324,9 +325,9 @@ def parse_args(argv=None):
     to_diffusers.add_argument("--ckpt", help="DiT checkpoint to convert: a training checkpoint (config + ema/model) "
                                              "or a raw state_dict such as the official DiT-XL-2-256x256.pt")
     to_diffusers.add_argument("--model", choices=list(DiT_models), help="model size of a raw state_dict --ckpt")
-    to_diffusers.add_argument("--image-size", type=int, help="image size in pixels of a raw state_dict --ckpt "
+    to_diffusers.add_argument("--image-size", type=positive_int, help="image size in pixels of a raw state_dict --ckpt "
                                                              "(e.g. 256; the model sees latents of image-size / 8)")
-    to_diffusers.add_argument("--num-classes", type=int,
+    to_diffusers.add_argument("--num-classes", type=positive_int,
                               help="number of classes of a raw state_dict --ckpt (default 1000)")
     to_diffusers.add_argument("--pipeline", action="store_true",
                               help="write a complete DiTPipeline folder (transformer, VAE, scheduler, model_index.json): "
@@ -334,7 +335,7 @@ def parse_args(argv=None):
     to_diffusers.add_argument("--vae", help="--pipeline of a latent model: its VAE (a local AutoencoderKL folder, a "
                                             "cached hub id, or ema / mse; default: the one its checkpoint names)")
     from_diffusers = parser.add_argument_group("--from-diffusers options")
-    from_diffusers.add_argument("--class-dropout-prob", type=float,
+    from_diffusers.add_argument("--class-dropout-prob", type=number_in(float, 0, 1, high_open=True),
                                 help="label-dropout probability of the converted DiT (diffusers does not record it; "
                                      "default 0.1, its fixed value; 0 drops the null-label row)")
     from_diffusers.add_argument("--allow-unshared-embedders", action="store_true",
@@ -352,28 +353,19 @@ def parse_args(argv=None):
         parser.error("--ckpt, --model, --image-size, --num-classes, --pipeline and --vae are --to-diffusers options")
     if args.vae and not args.pipeline:
         parser.error("--vae goes into a pipeline folder: add --pipeline")
-    if args.class_dropout_prob is not None and not 0 <= args.class_dropout_prob < 1:
-        parser.error(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
     return args
 
 
 def main(args):
     if args.to_diffusers:
         model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
-        try:
-            transformer = write_diffusers(model, data, args.out, args.pipeline, args.vae)
-        except ValueError as error:
-            raise SystemExit(f"error: {args.ckpt}: {error}") from None
+        transformer = write_diffusers(model, data, args.out, args.pipeline, args.vae)
         kind = "DiTPipeline" if args.pipeline else type(transformer).__name__
         print(f"wrote {args.out}: {kind} of {dict(transformer.config)}")
         print("load it with: import dit_pipeline; DiTPipeline.from_pretrained(...) or "
               f"{type(transformer).__name__}.from_pretrained(...) (run from this project, or put it on PYTHONPATH)")
     else:
-        try:
-            model, entries = read_diffusers(args.from_diffusers, args.class_dropout_prob,
-                                            args.allow_unshared_embedders)
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
+        model, entries = read_diffusers(args.from_diffusers, args.class_dropout_prob, args.allow_unshared_embedders)
         state_dict = model.state_dict()
         # "ema" and "model" share their tensors, which torch.save stores once.
         save_checkpoint_atomic({"config": model.config, "ema": state_dict, "model": state_dict, **entries}, args.out)
@@ -381,4 +373,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

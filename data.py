@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from checks import UserError, read_file
+
 DIGITS_SIZE = 8  # native resolution of scikit-learn's digits
 DIGITS_CLASSES = 10
 DIGITS_TEST_SIZE = 297  # held-out images (of 1,797) for evaluation; the rest (1,500) train models and the scorer
@@ -138,6 +140,11 @@ class ImageFolderDataset(Dataset):
 # Images are encoded un-flipped and LatentsDataset does not flip: flipping a latent is not the latent of the flipped
 # image, so training on latents goes without the flip augmentation that DiT's train.py applies to pixels.
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def latents_shard_path(root, shard):
     return os.path.join(root, f"latents_{shard:05d}.pt")
 
@@ -154,8 +161,12 @@ class LatentsDataset(Dataset):
             raise FileNotFoundError(f"latents folder {root} does not exist; write it with extract_latents.py --out")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{meta_path} not found: {root} is not a folder written by extract_latents.py")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = read_file(meta_path, read_json, "write the folder again with extract_latents.py")
+        lacking = [key for key in ("class_names", "num_shards", "num_images", "image_size")
+                   if not isinstance(self.meta, dict) or key not in self.meta]
+        if lacking:
+            raise UserError(f"{meta_path}: lacks {', '.join(lacking)} - it was not written by extract_latents.py; "
+                            f"extract again into an empty folder")
         self.class_names = self.meta["class_names"]
         missing = [k for k in range(self.meta["num_shards"]) if not os.path.isfile(latents_shard_path(root, k))]
         if missing:
@@ -164,14 +175,15 @@ class LatentsDataset(Dataset):
                                     f"rerun the same extract_latents.py command to finish them")
         self.latents, self.labels = [], []
         for k in range(self.meta["num_shards"]):
-            shard = torch.load(latents_shard_path(root, k), weights_only=True, mmap=True)
+            shard = read_file(latents_shard_path(root, k), lambda p: torch.load(p, weights_only=True, mmap=True),
+                              "rerun the same extract_latents.py command: it writes broken shards again")
             self.latents.append(shard["latents"])  # (n, C, h, w)
             self.labels.append(shard["labels"])  # (n,)
         # shard k holds dataset indices [offsets[k], offsets[k + 1])
         self.offsets = np.cumsum([0] + [len(labels) for labels in self.labels])
         if self.offsets[-1] != self.meta["num_images"]:
-            raise ValueError(f"{root} holds {self.offsets[-1]} latents but meta.json says {self.meta['num_images']}; "
-                             f"extract again into an empty folder")
+            raise UserError(f"{root} holds {self.offsets[-1]} latents but meta.json says {self.meta['num_images']}; "
+                            f"rerun the same extract_latents.py command, or extract again into an empty folder")
 
     def __len__(self):
         return int(self.offsets[-1])

@@ -31,6 +31,7 @@ from scipy import linalg
 from scipy.special import xlogy
 from tqdm import tqdm
 
+from checks import UserError, check_output_path, positive_int, read_file, run_script, write_atomically
 from data import DIGITS_CLASSES, DIGITS_SIZE, load_digits_arrays
 
 DEFAULT_CACHE_DIR = "results/digits_scorer"
@@ -150,12 +151,12 @@ def precision_recall(real_feats, fake_feats, k=PR_NEIGHBOURS, batch_size=1000, d
 def check_images_layout(shape, dtype, where):
     """Raises a clear error unless (shape, dtype) describe uint8 images (N, H, W, C) with C = 1 or 3."""
     if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"{where}: images must be uint8 in 0..255, got {np.dtype(dtype)}; convert with "
-                         f"np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for x in [0, 1]")
+        raise UserError(f"{where}: images must be uint8 in 0..255, got {np.dtype(dtype)}; convert with "
+                        f"np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for x in [0, 1]")
     if len(shape) != 4 or shape[3] not in (1, 3) or shape[0] == 0:
         hint = " (it looks like NCHW: transpose to NHWC)" if len(shape) == 4 and shape[1] in (1, 3) else ""
-        raise ValueError(f"{where}: images must have shape (N, H, W, C) with N >= 1 and C = 1 or 3, "
-                         f"got {tuple(shape)}{hint}")
+        raise UserError(f"{where}: images must have shape (N, H, W, C) with N >= 1 and C = 1 or 3, "
+                        f"got {tuple(shape)}{hint}")
 
 
 def _read_npy_header(file):
@@ -164,7 +165,7 @@ def _read_npy_header(file):
         return np.lib.format.read_array_header_1_0(file)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(file)
-    raise ValueError(f"unsupported .npy format version {version}; save the images with np.savez")
+    raise UserError(f"unsupported .npy format version {version}; save the images with np.savez")
 
 
 def npz_images_info(path, need_labels=False):
@@ -173,37 +174,37 @@ def npz_images_info(path, need_labels=False):
         raise FileNotFoundError(f"{path} not found; pass an .npz with arr_0 = uint8 images (N, H, W, C), "
                                 f"e.g. the one sample.py writes")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz archive; write it with np.savez(path, images, labels)")
+        raise UserError(f"{path} is not an .npz archive; write it with np.savez(path, images, labels)")
     with zipfile.ZipFile(path) as archive:
         names = [name[:-len(".npy")] for name in archive.namelist() if name.endswith(".npy")]
         if "arr_0" not in names:
-            raise ValueError(f"{path} has no arr_0 (it holds {names}); expected arr_0 = uint8 images (N, H, W, C) "
-                             f"and arr_1 = labels, as written by np.savez(path, images, labels)")
+            raise UserError(f"{path} has no arr_0 (it holds {names}); expected arr_0 = uint8 images (N, H, W, C) "
+                            f"and arr_1 = labels, as written by np.savez(path, images, labels)")
         with archive.open("arr_0.npy") as file:
             shape, fortran_order, dtype = _read_npy_header(file)
     check_images_layout(shape, dtype, f"{path} arr_0")
     if fortran_order:
-        raise ValueError(f"{path} arr_0 is stored in Fortran order; save np.ascontiguousarray(images) instead")
+        raise UserError(f"{path} arr_0 is stored in Fortran order; save np.ascontiguousarray(images) instead")
     labels = None
     if "arr_1" in names:
         with np.load(path) as npz:
             labels = npz["arr_1"]
         check_labels(labels, shape[0], f"{path} arr_1")
     elif need_labels:
-        raise ValueError(f"{path} has no arr_1; the class accuracy needs the label each sample was generated for "
-                         f"(np.savez(path, images, labels))")
+        raise UserError(f"{path} has no arr_1; the class accuracy needs the label each sample was generated for "
+                        f"(np.savez(path, images, labels))")
     return tuple(shape), labels
 
 
 def check_labels(labels, num_images, where, num_classes=None):
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}")
+        raise UserError(f"{where}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}")
     if len(labels) != num_images:
-        raise ValueError(f"{where}: {len(labels)} labels for {num_images} images; "
-                         f"arr_1 must hold one label per image of arr_0")
+        raise UserError(f"{where}: {len(labels)} labels for {num_images} images; "
+                        f"arr_1 must hold one label per image of arr_0")
     if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{where}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+        raise UserError(f"{where}: labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
 
 
 def iter_npz_images(path, batch_size):
@@ -215,7 +216,7 @@ def iter_npz_images(path, batch_size):
             count = min(batch_size, shape[0] - start)
             data = file.read(count * item_bytes)
             if len(data) != count * item_bytes:
-                raise ValueError(f"{path}: arr_0 is truncated (ends before image {start + len(data) // item_bytes})")
+                raise UserError(f"{path}: arr_0 is truncated (ends before image {start + len(data) // item_bytes})")
             yield np.frombuffer(bytearray(data), dtype=dtype).reshape(count, *shape[1:])  # bytearray: writable
 
 
@@ -227,7 +228,7 @@ def check_digits_samples(images, labels):
     """Raises a clear error unless images are square uint8 (N, S, S, C) with one label in 0..9 each; returns S."""
     check_images_layout(images.shape, images.dtype, "digits samples")
     if images.shape[1] != images.shape[2]:
-        raise ValueError(f"digits samples must be square (N, S, S, C), got {images.shape}")
+        raise UserError(f"digits samples must be square (N, S, S, C), got {images.shape}")
     check_labels(labels, len(images), "digits samples", num_classes=DIGITS_CLASSES)
     return images.shape[1]
 
@@ -312,13 +313,12 @@ def load_digits_scorer(cache_dir=DEFAULT_CACHE_DIR):
         test_accuracy = float((digits_features(net, test_images)[1].argmax(1) == test_labels).mean())
         os.makedirs(cache_dir, exist_ok=True)
         checkpoint = dict(model=net.state_dict(), config=dict(DIGITS_SCORER_CONFIG), test_accuracy=test_accuracy)
-        partial = f"{path}.{os.getpid()}.tmp"
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)  # never leaves a half-written file behind
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        write_atomically(path, lambda temporary: torch.save(checkpoint, temporary))
+    checkpoint = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                           "delete it (or pass another --cache-dir): the next run trains the scorer again")
     if checkpoint.get("config") != DIGITS_SCORER_CONFIG:
-        raise ValueError(f"{path} was trained with {checkpoint.get('config')}, this code uses {DIGITS_SCORER_CONFIG}; "
-                         f"delete the file (or pass another --cache-dir) to retrain")
+        raise UserError(f"{path} was trained with {checkpoint.get('config')}, this code uses {DIGITS_SCORER_CONFIG}; "
+                        f"delete the file (or pass another --cache-dir) to retrain")
     net = digits_scorer_net(DIGITS_SCORER_CONFIG["width"], DIGITS_SCORER_CONFIG["feature_dim"])
     net.load_state_dict(checkpoint["model"])
     return net.eval()
@@ -371,14 +371,11 @@ def load_inception(weights_path, device="cpu"):
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"Inception weights {weights_path} not found; pass a local state_dict .pth for "
                                 f"torchvision's Inception3 (nothing is downloaded)")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"could not read {weights_path} with torch.load(weights_only=True) ({error}); "
-                         f"save a plain state_dict: torch.save(model.state_dict(), path)") from error
+    state = read_file(weights_path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                      "save a plain state_dict: torch.save(model.state_dict(), path)")
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"{weights_path} is not a state_dict (a dict of tensors); "
-                         f"save one with torch.save(model.state_dict(), path)")
+        raise UserError(f"{weights_path} is not a state_dict (a dict of tensors); "
+                        f"save one with torch.save(model.state_dict(), path)")
     num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1000
     aux_logits = any(key.startswith("AuxLogits.") for key in state)
     model = inception_v3(weights=None, aux_logits=aux_logits, init_weights=False, num_classes=num_classes)
@@ -392,8 +389,8 @@ def load_inception(weights_path, device="cpu"):
                     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                        ("keys with the wrong shape", wrong_shape)) if keys]
         hint = " (keys start with 'module.': strip that prefix)" if any(k.startswith("module.") for k in state) else ""
-        raise ValueError(f"{weights_path} does not match torchvision's Inception3 architecture: "
-                         f"{'; '.join(problems)}{hint}")
+        raise UserError(f"{weights_path} does not match torchvision's Inception3 architecture: "
+                        f"{'; '.join(problems)}{hint}")
     model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent; unused in eval
     classifier = model.fc
     model.fc = nn.Identity()  # the network now ends at the 2048-d pool features
@@ -472,10 +469,10 @@ def print_imagenet_table(path, ref_path, weights_path, scores):
 
 def main(args):
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.digits:
         if args.inception_weights is not None:
-            raise ValueError("--inception-weights is for --ref-batch; --digits uses its own scorer")
+            raise UserError("--inception-weights is for --ref-batch; --digits uses its own scorer")
         cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
         npz_images_info(args.samples, need_labels=True)
         with np.load(args.samples) as npz:
@@ -486,9 +483,9 @@ def main(args):
         result = dict(samples=args.samples, metrics="digits", scores=scores, reference=reference)
     else:
         if args.inception_weights is None:
-            raise ValueError("--ref-batch needs --inception-weights PATH (a local torchvision Inception3 state_dict)")
+            raise UserError("--ref-batch needs --inception-weights PATH (a local torchvision Inception3 state_dict)")
         if args.cache_dir is not None:
-            raise ValueError("--cache-dir is for the --digits scorer; --ref-batch caches nothing")
+            raise UserError("--cache-dir is for the --digits scorer; --ref-batch caches nothing")
         scores = imagenet_scores(args.samples, args.ref_batch, args.inception_weights, args.batch_size)
         with np.load(args.ref_batch) as npz:
             ref_has_stats = "mu" in npz.files
@@ -506,7 +503,7 @@ def main(args):
     return result
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Score an .npz of samples (arr_0 uint8 NHWC images, arr_1 labels).")
     parser.add_argument("samples", help="the .npz of samples to score (as written by sample.py)")
     metrics = parser.add_mutually_exclusive_group(required=True)
@@ -519,13 +516,16 @@ if __name__ == "__main__":
     parser.add_argument("--inception-weights", default=None,
                         help="local state_dict .pth for torchvision's Inception3 (with --ref-batch); "
                              "use the FID weights for numbers comparable to published FIDs")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--cache-dir", default=None,
                         help=f"folder of the cached digits scorer, trained there if absent "
                              f"(with --digits; default {DEFAULT_CACHE_DIR})")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
-    args = parser.parse_args()
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"evaluate.py: error: {error}")
+    args = parser.parse_args(argv)
+    if args.json is not None:
+        check_output_path(parser, "--json", args.json)
+    return args
+
+
+if __name__ == "__main__":
+    run_script(main, parse_args)

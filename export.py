@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from checks import check_output_path, non_negative_float, positive_int, run_script
 from data import LATENT_SCALE
 from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import get_named_beta_schedule
@@ -477,9 +478,10 @@ def parse_args(argv=None):
                         "an official raw state_dict (then also --model and --image-size)")
     source.add_argument("--model", choices=list(DiT_models), default=None,
                         help="architecture of a raw state_dict (training checkpoints carry their own)")
-    source.add_argument("--image-size", type=int, default=None,
+    source.add_argument("--image-size", type=positive_int, default=None,
                         help="image size in pixels of a raw state_dict (latents are image-size / 8)")
-    source.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    source.add_argument("--num-classes", type=positive_int, default=None,
+                        help="classes of a raw state_dict (default 1000)")
     output = parser.add_argument_group("export")
     output.add_argument("--format", choices=list(EXTENSIONS), default="onnx",
                         help="torchscript (.ts), onnx (.onnx) or exported (torch.export, .pt2); default onnx")
@@ -488,19 +490,22 @@ def parse_args(argv=None):
     output.add_argument("--out", default=None,
                         help="output file, ending in the format's extension (default: the checkpoint's path with it)")
     batch = output.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported graph (default 1)")
+    batch.add_argument("--batch-size", type=positive_int, default=1,
+                       help="fixed batch size of the exported graph (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="export with a symbolic batch size instead")
-    output.add_argument("--cfg-scale", type=float, default=None, help="fold classifier-free guidance with this scale "
+    output.add_argument("--cfg-scale", type=non_negative_float, default=None,
+                        help="fold classifier-free guidance with this scale "
                         "into the graph (it runs the conditional and the null-label batch); default: not folded")
     calibration = parser.add_argument_group("TensorRT int8 calibration set (--format onnx --int8)")
-    calibration.add_argument("--calib-samples", type=int, default=None,
+    calibration.add_argument("--calib-samples", type=positive_int, default=None,
                              help="DDIM trajectories in OUT_calib.npz, labels spread over the classes (default 20)")
-    calibration.add_argument("--calib-steps", type=int, default=None,
+    calibration.add_argument("--calib-steps", type=positive_int, default=None,
                              help="DDIM steps per trajectory, each step one (x, t, y) row (default 25)")
     check = parser.add_argument_group("check")
-    check.add_argument("--repeats", type=int, default=5,
+    check.add_argument("--repeats", type=positive_int, default=5,
                        help="timed CPU runs per batch size in the fresh process; the median is reported")
-    check.add_argument("--threads", type=int, default=None, help="CPU threads for the timed runs (default: one per "
+    check.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads for the timed runs (default: one per "
                        "core; on a machine shared with other jobs, 1 avoids stalls of threads waiting on each other)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.ckpt):
@@ -509,6 +514,8 @@ def parse_args(argv=None):
         parser.error(INT8_EXPORTED_UNSUPPORTED)
     if args.out is not None and not args.out.endswith(EXTENSIONS[args.format]):
         parser.error(f"--out {args.out} must end in {EXTENSIONS[args.format]} for --format {args.format}")
+    if args.out is not None:
+        check_output_path(parser, "--out", args.out)
     if args.batch_size < 1 or args.repeats < 1 or args.threads is not None and args.threads < 1:
         parser.error("--batch-size, --repeats and --threads must be at least 1")
     calibrating = args.int8 and args.format == "onnx"
@@ -526,4 +533,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

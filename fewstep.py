@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from checks import non_negative_float, probability, run_script
 from run_digits import final_checkpoint, run
 
 STEP_COUNTS = (1, 2, 4, 8)
@@ -152,12 +153,14 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=2000,
                         help="training steps of the progressive (split over its 6 rounds) and consistency students")
     parser.add_argument("--guidance-steps", type=int, default=1000, help="training steps of the guidance student")
-    parser.add_argument("--guidance-range", type=float, nargs=2, default=[1.0, 4.0], help="its trained w range")
-    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.5, 3.0], help="w compared")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the students")
-    parser.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the consistency and guidance "
+    parser.add_argument("--guidance-range", type=non_negative_float, nargs=2, default=[1.0, 4.0],
+                        help="its trained w range")
+    parser.add_argument("--guidance-scales", type=non_negative_float, nargs="+", default=[1.5, 3.0], help="w compared")
+    parser.add_argument("--lr", type=non_negative_float, default=1e-3, help="learning rate of the students")
+    parser.add_argument("--ema-decay", type=probability, default=0.995,
+                        help="EMA decay of the consistency and guidance "
                                                                          "students (the main job's)")
-    parser.add_argument("--progressive-ema-decay", type=float, default=0.99,
+    parser.add_argument("--progressive-ema-decay", type=probability, default=0.99,
                         help="EMA decay of the progressive student: its time constant (100 steps) must stay well "
                              "below a round (333 steps), or a round's EMA still holds the previous round's student")
     parser.add_argument("--num-samples", type=int, default=500, help="samples scored per row")
@@ -172,4 +175,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

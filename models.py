@@ -6,14 +6,14 @@ Additions for distillation: every block's output from the same forward pass (`re
 gradient checkpointing, and conversion to and from diffusers' DiTTransformer2DModel layout.
 """
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from checks import UserError, read_file, write_atomically
 
 
 # The guidance scale is embedded as w * 1000 (as LCM does): the sinusoidal frequencies were made for timesteps
@@ -394,28 +394,25 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
     path or None (None: the checkpoint does not say which VAE; a raw state_dict is taken as a latent model),
     "sampling": the checkpoint's sampling entry (EPS_SAMPLING for checkpoints without one)}.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, or pickled objects that weights_only refuses
-        raise ValueError(f"{path} cannot be read as a DiT checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    checkpoint = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                           "truncated, or not a DiT checkpoint: pass a complete one (a run keeps its older ones)")
     if not isinstance(checkpoint, dict) or not checkpoint:
-        raise ValueError(f"{path} holds no DiT weights (a {type(checkpoint).__name__}, not a state_dict or a "
-                         f"training checkpoint)")
+        raise UserError(f"{path} holds no DiT weights (a {type(checkpoint).__name__}, not a state_dict or a "
+                        f"training checkpoint)")
     is_training_checkpoint = "ema" in checkpoint or "model" in checkpoint
     state_dict = checkpoint.get("ema", checkpoint.get("model")) if is_training_checkpoint else checkpoint
     config = checkpoint.get("config") if is_training_checkpoint else None
     if config is not None:
         if (model_name, image_size, num_classes) != (None, None, None):
-            raise ValueError(f"{path} carries its model config; drop --model, --image-size and --num-classes")
+            raise UserError(f"{path} carries its model config; drop --model, --image-size and --num-classes")
         data = checkpoint.get("data") or {"image_size": config["input_size"] * VAE_DOWNSAMPLE, "latent": True,
                                           "vae": None}
     else:
         if model_name is None or image_size is None:
-            raise ValueError(f"{path} has no model config (a raw state_dict): pass --model and --image-size "
-                             f"(train.py --step-distillation: --teacher-model; the data gives the size)")
+            raise UserError(f"{path} has no model config (a raw state_dict): pass --model and --image-size "
+                            f"(train.py --step-distillation: --teacher-model; the data gives the size)")
         if image_size % VAE_DOWNSAMPLE:
-            raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's {VAE_DOWNSAMPLE}")
+            raise UserError(f"--image-size {image_size} is not a multiple of the VAE's {VAE_DOWNSAMPLE}")
         config = model_config(model_name, input_size=image_size // VAE_DOWNSAMPLE,
                               num_classes=1000 if num_classes is None else num_classes)
         data = {"image_size": image_size, "latent": True, "vae": None}
@@ -436,27 +433,15 @@ def load_state_dict_strict(model, state_dict, source):
     if missing or unexpected or mis_shaped:
         def listing(keys):
             return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "") if keys else "none"
-        raise ValueError(f"the weights in {source} do not fit the model {model.config}:\n"
-                         f"  missing keys: {listing(missing)}\n  unexpected keys: {listing(unexpected)}\n"
-                         f"  shape mismatches: {listing(mis_shaped)}")
+        raise UserError(f"the weights in {source} do not fit the model {model.config}:\n"
+                        f"  missing keys: {listing(missing)}\n  unexpected keys: {listing(unexpected)}\n"
+                        f"  shape mismatches: {listing(mis_shaped)}")
     model.load_state_dict(state_dict, strict=True)
 
 
 def save_checkpoint_atomic(obj, path):
-    """torch.save through a temporary file in the same folder, renamed into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it torch.save's usual permissions
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
+    """torch.save through checks.write_atomically: the file at `path` is always a complete checkpoint."""
+    write_atomically(path, lambda temporary: torch.save(obj, temporary))
 
 
 @torch.no_grad()

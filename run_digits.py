@@ -16,12 +16,15 @@ continues where it stopped.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+
+from checks import UserError, non_negative_float, non_negative_int, positive_int, run_script
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER, STUDENT = "DiT-Digits-T", "DiT-Digits-S"
@@ -34,10 +37,28 @@ NAMES = ("teacher", "student", "scratch", "fewstep")
 
 
 def run(script, *arguments):
-    """Run one of the project's scripts as a user would; its progress bars show through."""
+    """Run one of the project's scripts as a user would; its progress bars show through. SIGTERM / SIGINT sent to
+    this process go to the script too, and this process then exits with 128 + the signal's number; a script that
+    fails stops the job (its own error line is above)."""
     command = [sys.executable, os.path.join(ROOT, script), *map(str, arguments)]
     print("$ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    child = subprocess.Popen(command)
+    received = []
+
+    def forward(signum, frame):  # no wait() in here: the interrupted child.wait() below holds its lock
+        received.append(signum)
+        child.send_signal(signum)
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = child.wait()  # until the child has ended, stopped by a forwarded signal or not
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        sys.exit(128 + received[0])
+    if returncode:
+        raise UserError(f"{script} failed (exit status {returncode}) - see its message above; rerunning the same "
+                        f"command reuses the finished steps")
 
 
 def final_checkpoint(results_dir, steps):
@@ -247,27 +268,27 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Teacher -> distilled student vs scratch student on the embedded "
                                                  "digits: train, sample, score, export, report.")
     parser.add_argument("--out", default="results/digits", help="output folder (rerunning reuses finished steps)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
-    parser.add_argument("--teacher-steps", type=int, default=2000, help="teacher training steps")
-    parser.add_argument("--warmup-steps", type=int, default=300, help="student warmup steps (+ feature KD)")
-    parser.add_argument("--feature-steps", type=int, default=600, help="student steps adding output (noise) KD")
-    parser.add_argument("--joint-steps", type=int, default=900, help="student steps adding the tempered KL")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of training and sampling")
+    parser.add_argument("--teacher-steps", type=positive_int, default=2000, help="teacher training steps")
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=300,
+                        help="student warmup steps (+ feature KD)")
+    parser.add_argument("--feature-steps", type=non_negative_int, default=600,
+                        help="student steps adding output (noise) KD")
+    parser.add_argument("--joint-steps", type=non_negative_int, default=900,
+                        help="student steps adding the tempered KL")
     parser.add_argument("--fewstep-method", choices=list(FEWSTEP_METHOD_FLAGS), default="consistency",
                         help="step distillation of the distilled student into the shipped few-step model "
                              "(consistency: 13.2 Frechet at 4 steps where progressive reached 17.2, README)")
-    parser.add_argument("--fewstep-steps", type=int, default=1200, help="its training steps")
-    parser.add_argument("--fewstep-sampling-steps", type=int, default=4, help="the steps it samples in")
-    parser.add_argument("--num-samples", type=int, default=500, help="samples per model for the scores")
+    parser.add_argument("--fewstep-steps", type=positive_int, default=1200, help="its training steps")
+    parser.add_argument("--fewstep-sampling-steps", type=positive_int, default=4, help="the steps it samples in")
+    parser.add_argument("--num-samples", type=positive_int, default=500, help="samples per model for the scores")
     parser.add_argument("--sampler", choices=["ddim", "dpm++2m", "unipc"], default="dpm++2m",
                         help="sampler of the diffusion models (DPM-Solver++ 2M: DDIM 50's scores at 20 steps, README)")
-    parser.add_argument("--steps", type=int, default=20, help="its sampling steps")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale")
-    parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
-    args = parser.parse_args(argv)
-    if min(args.teacher_steps, args.num_samples, args.steps, args.timing_samples, args.fewstep_steps,
-           args.fewstep_sampling_steps) < 1:
-        parser.error("--teacher-steps, --num-samples, --steps, --timing-samples and --fewstep-* must be at least 1")
-    return args
+    parser.add_argument("--steps", type=positive_int, default=20, help="its sampling steps")
+    parser.add_argument("--cfg-scale", type=non_negative_float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--timing-samples", type=positive_int, default=100,
+                        help="batch timed for the sampling-time ratio")
+    return parser.parse_args(argv)
 
 
 def main(args):
@@ -285,4 +306,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -17,11 +17,13 @@ creates); ONNX files run on onnxruntime's CUDA provider when it is installed, el
 import argparse
 import contextlib
 import json
+import math
 import os
 import struct
 import sys
 import time
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -72,7 +74,9 @@ def load_denoiser(path, device="cpu", threads=None):
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: onnxruntime's default
-        session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        errors = ort.capi.onnxruntime_pybind11_state
+        session = read_exported(path, lambda: ort.InferenceSession(path, sess_options=options, providers=providers),
+                                (errors.InvalidProtobuf, errors.Fail, errors.InvalidGraph, errors.NoSuchFile))
         metadata = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
 
         def denoise(x, t, y, w=None):
@@ -87,9 +91,10 @@ def load_denoiser(path, device="cpu", threads=None):
             # Loading an int8 file also prints libtorch's C++ notice that quantized tensors are deprecated; it is
             # raised outside Python's warnings machinery, so it cannot be filtered here and is left visible.
             with quiet_torchscript_deprecation():
-                module = torch.jit.load(path, map_location="cpu", _extra_files=extra_files)
+                module = read_exported(path, lambda: torch.jit.load(path, map_location="cpu",
+                                                                    _extra_files=extra_files))
         else:
-            module = torch.export.load(path, extra_files=extra_files).module()
+            module = read_exported(path, lambda: torch.export.load(path, extra_files=extra_files)).module()
         metadata = extra_files[METADATA_FILE]
 
         def denoise(x, t, y, w=None):
@@ -101,6 +106,17 @@ def load_denoiser(path, device="cpu", threads=None):
     if not metadata:
         raise ValueError(f"{path} carries no DiT metadata ({METADATA_KEY}); export it with export.py")
     return denoise, json.loads(metadata)
+
+
+def read_exported(path, load, runtime_errors=()):
+    """load(), with a file that cannot be read (truncated, corrupt, another format) reported as a ValueError that
+    names it. (This file imports no project module, so it cannot use checks.read_file; the same idea.)"""
+    try:
+        return load()
+    except (RuntimeError, OSError, ValueError, EOFError, zipfile.BadZipFile, *runtime_errors) as error:
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else "no detail"
+        raise ValueError(f"{path}: cannot be read ({type(error).__name__}: {detail}) - it is truncated or not a "
+                         f"file export.py wrote: export it again") from error
 
 
 #################################################################################
@@ -399,6 +415,9 @@ def main(args):
     else:
         labels = range(min(10, metadata["num_classes"]))
     labels = np.asarray(list(labels), dtype=np.int64)
+    if labels.max() >= metadata["num_classes"]:
+        raise ValueError(f"{args.model}: has {metadata['num_classes']} classes - give --class-labels in "
+                         f"[0, {metadata['num_classes'] - 1}]")
     start = time.perf_counter()
     samples = sample(denoise, metadata, labels, args.num_steps, args.seed, args.batch_size, args.cfg_scale,
                      args.sampler)
@@ -418,44 +437,69 @@ def main(args):
         print(f"wrote {args.png}")
 
 
+def at_least(kind, low):
+    """An argparse type: a finite int or float >= low (checks.number_in's idea; this file imports no project module)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text} is not {'an integer' if kind is int else 'a finite number'} "
+                                             f">= {low:g}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a file written by export.py: .ts (TorchScript), .onnx or .pt2 (torch.export)")
     parser.add_argument("--sampler", choices=["ddim", *SOLVERS], default=None,
                         help="ddim (numpy, the default for a noise-predicting file) or one of diffusers' solvers "
                              "(needs diffusers and torch here); a step-distilled file always uses its own sampler")
-    parser.add_argument("--num-steps", type=int, default=None,
+    parser.add_argument("--num-steps", type=at_least(int, 1), default=None,
                         help=f"sampling steps (default: a step-distilled model's own, else 50 DDIM steps or "
                              f"{SOLVER_DEFAULT_STEPS} solver steps; for DDIM an integer stride of 1000 must give "
                              f"exactly this many: 25, 50, 100, 250, ...)")
-    parser.add_argument("--cfg-scale", type=float, default=None,
+    parser.add_argument("--cfg-scale", type=at_least(float, 0), default=None,
                         help="guidance scale w of a guidance-distilled model, an input of its file (one forward per "
                              "step; default 1, or the low end of its range); other files fold guidance at export")
     labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--class-labels", type=int, nargs="+", default=None,
+    labels.add_argument("--class-labels", type=at_least(int, 0), nargs="+", default=None,
                         help="one sample per label (default: the first min(10, num_classes) classes)")
-    labels.add_argument("--num-samples", type=int, default=None,
+    labels.add_argument("--num-samples", type=at_least(int, 1), default=None,
                         help="this many samples, their labels cycling through the classes 0, 1, 2, ...")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (numpy), so the same seed "
+    parser.add_argument("--seed", type=at_least(int, 0), default=0,
+                        help="seed of the initial noise (numpy), so the same seed "
                         "gives the same samples with every runtime")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples denoised together (default: all); "
+    parser.add_argument("--batch-size", type=at_least(int, 1), default=None,
+                        help="samples denoised together (default: all); "
                         "a fixed-batch export always uses its own batch size")
     parser.add_argument("--out", default="samples.npz", help="output .npz: arr_0 uint8 (N, H, W, C) images (or "
                         "float32 latents for latent models), arr_1 labels")
     parser.add_argument("--png", default=None, help="also write a PNG grid of the images (pixel-space models only)")
     parser.add_argument("--cpu", action="store_true", help="keep ONNX files on onnxruntime's CPU provider even "
                         "when its CUDA provider is installed")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch / onnxruntime (default: one "
+    parser.add_argument("--threads", type=at_least(int, 1), default=None,
+                        help="CPU threads of torch / onnxruntime (default: one "
                         "per core)")
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.error(f"--out {args.out} must end in .npz")
-    if args.num_steps is not None and args.num_steps < 1 or args.num_samples is not None and args.num_samples < 1:
-        parser.error("--num-steps and --num-samples must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1 or args.threads is not None and args.threads < 1:
-        parser.error("--batch-size and --threads must be at least 1")
+    for flag, path in (("--out", args.out), ("--png", args.png)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error(f"{flag} {path}: {folder} is not a writable folder")
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # checks.run_script's behaviour, written out because this file imports no project module: a user's error is one
+    # `error:` line (DIT_DEBUG=1 shows the traceback), a bug keeps its traceback.
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("DIT_DEBUG", "0") not in ("", "0"):
+            raise
+        sys.exit(f"error: {error}")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from checks import (UserError, check_output_path, non_negative_float, non_negative_int, positive_float,
+                    positive_int, run_script, write_atomically)
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 from models import EPS_SAMPLING, DiT_models, load_dit_checkpoint
@@ -53,7 +55,7 @@ def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm",
 def check_guidance(model, cfg_scale):
     """A ValueError for guidance asked of a model without a null label (trained without label dropout)."""
     if cfg_scale != 1.0 and model.w_embedder is None and model.config["class_dropout_prob"] == 0:
-        raise ValueError("this model was trained without label dropout, so it has no null label to guide against: "
+        raise UserError("this model was trained without label dropout, so it has no null label to guide against: "
                          "use --cfg-scale 1")
 
 
@@ -144,32 +146,32 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
     own = sampling["sampler"]
     sampler = sampler or own or "ddpm"
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if own and sampler != own:
-        raise ValueError(f"this checkpoint is a {sampling['method']}-distilled student made for the {own} sampler; "
+        raise UserError(f"this checkpoint is a {sampling['method']}-distilled student made for the {own} sampler; "
                          f"drop --sampler (or pass --sampler {own})")
     if not own and sampler == "consistency":
-        raise ValueError("consistency sampling needs a consistency-distilled checkpoint; this model predicts noise: "
+        raise UserError("consistency sampling needs a consistency-distilled checkpoint; this model predicts noise: "
                          "use ddpm, ddim or ddim-trailing")
     num_steps = num_steps or sampling["default_steps"] or (SOLVER_DEFAULT_STEPS if sampler in SOLVERS else 250)
     check_step_count(sampler, num_steps)
     if sampling["steps"] and num_steps not in sampling["steps"]:
         supported = sampling["steps"]
         listed = f"{supported[0]}..{supported[-1]}" if len(supported) > 4 else ", ".join(map(str, supported))
-        raise ValueError(f"this {sampling['method']}-distilled student samples in {listed} steps, not {num_steps}: "
+        raise UserError(f"this {sampling['method']}-distilled student samples in {listed} steps, not {num_steps}: "
                          f"drop --num-sampling-steps (default {sampling['default_steps']})")
     guidance_range = sampling["guidance_range"]
     if cfg_scale is None:
         cfg_scale = 1.0 if own and not guidance_range else default_cfg_scale
         cfg_scale = min(max(cfg_scale, guidance_range[0]), guidance_range[1]) if guidance_range else cfg_scale
     if guidance_range and not guidance_range[0] <= cfg_scale <= guidance_range[1]:
-        raise ValueError(f"--cfg-scale {cfg_scale} is outside the guidance range this student was distilled for "
+        raise UserError(f"--cfg-scale {cfg_scale} is outside the guidance range this student was distilled for "
                          f"[{guidance_range[0]}, {guidance_range[1]}]")
     if own and not guidance_range and cfg_scale != 1:
-        raise ValueError(f"this {sampling['method']}-distilled student was distilled without guidance (no "
+        raise UserError(f"this {sampling['method']}-distilled student was distilled without guidance (no "
                          f"--guidance-range), so it samples at --cfg-scale 1 only")
     if temperature != 1 and (sampler == "consistency" or sampling["parametrisation"] != "eps"):
-        raise ValueError("--temperature applies to noise-predicting models (ddpm, ddim, ddim-trailing), not to a "
+        raise UserError("--temperature applies to noise-predicting models (ddpm, ddim, ddim-trailing), not to a "
                          "few-step student")
     return sampler, num_steps, cfg_scale
 
@@ -177,13 +179,13 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
 def check_step_count(sampler, num_steps):
     """A ValueError when `sampler` cannot run `num_steps` steps on DiT's 1000-step schedule."""
     if not 1 <= num_steps <= DIFFUSION_STEPS:
-        raise ValueError(f"--num-sampling-steps must lie in [1, {DIFFUSION_STEPS}] (DiT's schedule has "
+        raise UserError(f"--num-sampling-steps must lie in [1, {DIFFUSION_STEPS}] (DiT's schedule has "
                          f"{DIFFUSION_STEPS} steps), got {num_steps}")
     if sampler == "ddim":
         try:
             space_timesteps(DIFFUSION_STEPS, f"ddim{num_steps}")
         except ValueError:
-            raise ValueError(f"ddim places its steps every 1000 // N timesteps from t = 0 (the original's grid), "
+            raise UserError(f"ddim places its steps every 1000 // N timesteps from t = 0 (the original's grid), "
                              f"which cannot give exactly {num_steps} steps: choose a nearby count, or --sampler "
                              f"ddim-trailing, which places any count from 1") from None
 
@@ -211,7 +213,7 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     (load_dit_checkpoint); vae decodes latents.
     """
     if data["latent"] and vae is None:
-        raise ValueError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
+        raise UserError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
     sampling = data.get("sampling") or EPS_SAMPLING
     sampler, num_steps, cfg_scale = resolve_sampling(sampling, sampler, num_sampling_steps, cfg_scale, temperature,
                                                      default_cfg_scale)
@@ -251,10 +253,8 @@ def default_labels(num_classes, num_samples):
 
 def save_npz(path, images, labels):
     """ADM layout: arr_0 uint8 (N, H, W, C), arr_1 int64 labels (N,); written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp.npz"
-    np.savez(temporary, arr_0=to_uint8_nhwc(images), arr_1=np.asarray(labels, dtype=np.int64))
-    os.replace(temporary, path)
+    arrays = dict(arr_0=to_uint8_nhwc(images), arr_1=np.asarray(labels, dtype=np.int64))
+    write_atomically(path, lambda temporary: np.savez(temporary, **arrays))
 
 
 def add_checkpoint_args(parser):
@@ -263,9 +263,10 @@ def add_checkpoint_args(parser):
                                                       "state_dict (then also --model and --image-size)")
     raw = parser.add_argument_group("raw state_dicts (official DiT checkpoints)")
     raw.add_argument("--model", choices=list(DiT_models), default=None, help="architecture of a raw state_dict")
-    raw.add_argument("--image-size", type=int, default=None,
+    raw.add_argument("--image-size", type=positive_int, default=None,
                      help="image size in pixels of a raw state_dict (256 or 512 for the official ones)")
-    raw.add_argument("--num-classes", type=int, default=None, help="classes of a raw state_dict (default 1000)")
+    raw.add_argument("--num-classes", type=positive_int, default=None,
+                     help="classes of a raw state_dict (default 1000)")
 
 
 def parse_args(argv=None):
@@ -273,22 +274,23 @@ def parse_args(argv=None):
     add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None, help=SAMPLER_HELP)
-    sampling.add_argument("--num-sampling-steps", type=int, default=None,
+    sampling.add_argument("--num-sampling-steps", type=positive_int, default=None,
                           help=f"number of steps (default: the steps a few-step student was distilled for, else "
                                f"{SOLVER_DEFAULT_STEPS} for diffusers' solvers and 250 for ddpm and ddim)")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    sampling.add_argument("--cfg-scale", type=float, default=None,
+    sampling.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    sampling.add_argument("--cfg-scale", type=non_negative_float, default=None,
                           help="classifier-free guidance scale (1: none). Default 4, or 1 for a few-step student "
                                "distilled without guidance; a guidance-distilled model takes it as input (one "
                                "forward per step) within its trained range")
-    sampling.add_argument("--temperature", type=float, default=1.0,
+    sampling.add_argument("--temperature", type=positive_float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
-    sampling.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
-    sampling.add_argument("--class-labels", type=int, nargs="+", default=None,
+    sampling.add_argument("--seed", type=non_negative_int, default=0,
+                          help="random seed: the same seed gives the same images")
+    sampling.add_argument("--class-labels", type=non_negative_int, nargs="+", default=None,
                           help="classes to sample (default: the original demo classes for 1000 classes, else all)")
-    sampling.add_argument("--num-samples", type=int, default=None,
+    sampling.add_argument("--num-samples", type=positive_int, default=None,
                           help="number of images; --class-labels (or the defaults) repeat to fill it")
-    sampling.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    sampling.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     sampling.add_argument("--vae", default=None, help="VAE to decode latents: ema, mse, a local folder or a hub id "
                                                       "(default: the checkpoint's, else ema)")
     output = parser.add_argument_group("output")
@@ -296,14 +298,11 @@ def parse_args(argv=None):
     output.add_argument("--npz", default=None, help="also write the samples as an ADM-layout .npz here")
     output.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = parser.parse_args(argv)
-    if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
-        parser.error("--num-sampling-steps must be at least 1")
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive")
-    if args.num_samples is not None and args.num_samples < 1:
-        parser.error("--num-samples must be at least 1")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt} does not exist")
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path is not None:
+            check_output_path(parser, flag, path)
     return args
 
 
@@ -311,12 +310,9 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample.py
     torch.backends.cudnn.allow_tf32 = True
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)  # or a UserError
     if args.vae and not data["latent"]:
-        raise SystemExit("error: this model denoises pixels, not VAE latents: drop --vae")
+        raise UserError(f"{args.ckpt}: this model denoises pixels, not VAE latents - drop --vae")
     model.to(device)
     num_classes = model.config["num_classes"]
     labels = args.class_labels
@@ -324,20 +320,17 @@ def main(args):
         labels = [labels[i % len(labels)] for i in range(args.num_samples)]
     labels = labels if labels is not None else default_labels(num_classes, args.num_samples)
     if min(labels) < 0 or max(labels) >= num_classes:
-        raise SystemExit(f"error: --class-labels must lie in [0, {num_classes - 1}] for this model")
+        raise UserError(f"{args.ckpt}: --class-labels must lie in [0, {num_classes - 1}] for this model")
     vae = None
     if data["latent"]:
         from data import load_vae
         try:
             vae = load_vae(args.vae or data["vae"] or "ema", device)
         except (OSError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
-    try:
-        images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
-                          sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
-                          batch_size=args.batch_size, vae=vae, default_cfg_scale=4.0)  # the original's default
-    except ValueError as error:  # e.g. guidance asked of a model without a null label
-        raise SystemExit(f"error: {error}") from None
+            raise UserError(f"--vae: {error}") from error
+    images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
+                      sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
+                      batch_size=args.batch_size, vae=vae, default_cfg_scale=4.0)  # the original's default
     from torchvision.utils import save_image
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image(images, args.out, nrow=max(1, int(math.sqrt(len(images)))), normalize=True, value_range=(-1, 1))
@@ -348,4 +341,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -11,7 +11,8 @@ same for any number of processes. --sample-dir holds
     chunk_00001.npz    (n, H, W, C), arr_1 int64 labels (n,)), from noise seeded by (seed, k) alone, so neither the
     ...                number of processes nor the order of the chunks changes them; each written atomically
     samples_N.npz      every chunk in order, written by rank 0 at the end (--out puts it elsewhere)
-Rerunning the same command skips finished chunks: a job that stops loses only the chunks in flight.
+Rerunning the same command skips finished chunks (and samples again those that do not load or hold other samples): a
+job that stops loses only the chunks in flight. One run at a time per --sample-dir (a lock, held by rank 0).
 """
 import argparse
 import hashlib
@@ -19,12 +20,15 @@ import json
 import math
 import os
 import zipfile
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from checks import (UserError, check_output_path, lock_folder, non_negative_float, non_negative_int, positive_float,
+                    positive_int, read_file, remove_temporaries, run_script, write_atomically)
 from models import load_dit_checkpoint
 from sample import SAMPLERS, add_checkpoint_args, generate, resolve_sampling, save_npz
 from train import cleanup, derived_seed, setup_distributed
@@ -85,25 +89,50 @@ def prepare_sample_dir(sample_dir, settings, num_classes, num_chunks):
                          f"choose a new --sample-dir (or empty this one)")
     meta = dict(settings=settings, num_classes=num_classes, num_chunks=num_chunks,
                 labels="sample i has label i % num_classes")
-    temporary = meta_path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(temporary, meta_path)
+
+    def save(temporary):
+        with open(temporary, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    write_atomically(meta_path, save)
+
+
+def load_chunk(path, indices, labels, fix):
+    """(images (n, H, W, C) uint8, None), or (None, why the chunk cannot be used, then `fix`): it must load and hold
+    the count and labels of samples `indices` of this run."""
+    def load(p):
+        with np.load(p) as npz:
+            return npz["arr_0"], npz["arr_1"]  # (n, H, W, C), (n,)
+    try:
+        images, chunk_labels = read_file(path, load, fix)
+    except UserError as error:
+        return None, str(error)
+    if images.dtype != np.uint8 or len(images) != len(indices) or \
+            not np.array_equal(chunk_labels, labels[indices.start:indices.stop]):
+        return None, (f"{path}: holds {len(images)} images ({images.dtype}) with other labels than samples "
+                      f"{indices.start}..{indices.stop - 1} of this run - {fix}")
+    return images, None
 
 
 def read_chunk(path, indices, labels):
     """A finished chunk's images (n, H, W, C) uint8, after checking its count and labels against the run's."""
-    try:
-        with np.load(path) as npz:
-            images, chunk_labels = npz["arr_0"], npz["arr_1"]  # (n, H, W, C), (n,)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise SystemExit(f"error: cannot read {path} ({error}); delete it and rerun the same command to sample it "
-                         f"again") from None
-    if images.dtype != np.uint8 or len(images) != len(indices) or \
-            not np.array_equal(chunk_labels, labels[indices.start:indices.stop]):
-        raise SystemExit(f"error: {path} holds {len(images)} images ({images.dtype}) with other labels than samples "
-                         f"{indices.start}..{indices.stop - 1} of this run; delete it and rerun the same command")
+    images, problem = load_chunk(path, indices, labels, "delete it and rerun the same command to sample it again")
+    if problem:
+        raise UserError(problem)
     return images
+
+
+def remove_broken_chunks(args, num_chunks, num_classes):
+    """Delete finished chunks that cannot be used (a disk error, a copy cut short), so this run samples them again."""
+    labels = np.arange(args.num_samples, dtype=np.int64) % num_classes  # (N,)
+    for chunk in range(num_chunks):
+        path = chunk_path(args.sample_dir, chunk)
+        if os.path.isfile(path):
+            problem = load_chunk(path, chunk_indices(chunk, args.chunk_size, args.num_samples), labels,
+                                 "sampling it again")[1]
+            if problem:
+                print(problem, flush=True)
+                os.remove(path)
 
 
 def concatenate_chunks(args, num_chunks, num_classes, out):
@@ -113,9 +142,8 @@ def concatenate_chunks(args, num_chunks, num_classes, out):
     image_shape = read_chunk(chunk_path(args.sample_dir, 0), chunk_indices(0, args.chunk_size, args.num_samples),
                              labels).shape[1:]  # (H, W, C)
     header = {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (args.num_samples, *image_shape)}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    temporary = out + ".tmp.npz"
-    try:
+
+    def write(temporary):
         # The layout np.savez writes: an uncompressed zip of arr_0.npy and arr_1.npy.
         with zipfile.ZipFile(temporary, "w", allowZip64=True) as npz:
             with npz.open("arr_0.npy", "w", force_zip64=True) as f:
@@ -125,15 +153,13 @@ def concatenate_chunks(args, num_chunks, num_classes, out):
                                                                                       args.num_samples)
                     images = read_chunk(path, indices, labels)
                     if images.shape[1:] != image_shape:
-                        raise SystemExit(f"error: {path} holds {images.shape[1:]} images, not {image_shape} as "
-                                         f"chunk 0; delete it and rerun the same command")
+                        raise UserError(f"{path}: holds {images.shape[1:]} images, not {image_shape} as chunk 0 - "
+                                        f"delete it and rerun the same command")
                     f.write(np.ascontiguousarray(images).tobytes())
             with npz.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, labels)
-        os.replace(temporary, out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+
+    write_atomically(out, write)
     per_class = np.bincount(labels, minlength=num_classes)
     print(f"wrote {out}: arr_0 {header['shape']} uint8, arr_1 labels i % {num_classes} "
           f"({per_class.min()} to {per_class.max()} images per class)", flush=True)
@@ -146,7 +172,9 @@ def concatenate_chunks(args, num_chunks, num_classes, out):
 def main(args):
     rank, world_size, device = setup_distributed()
     try:
-        sample(args, rank, world_size, device)
+        # One run per --sample-dir: rank 0 holds its lock for the run's life (a second run stops at once).
+        with lock_folder(args.sample_dir, "--sample-dir") if rank == 0 else nullcontext():
+            sample(args, rank, world_size, device)
     finally:
         cleanup()
 
@@ -154,17 +182,12 @@ def main(args):
 def sample(args, rank, world_size, device):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs, as the original sample_ddp.py
     torch.backends.cudnn.allow_tf32 = True
-    try:
-        model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)  # or a UserError
     model.to(device)
-    try:  # the checkpoint's own sampler and steps where not given (a few-step student's), written into meta.json
-        args.sampler, args.num_sampling_steps, args.cfg_scale = resolve_sampling(
-            data["sampling"], args.sampler, args.num_sampling_steps, args.cfg_scale, args.temperature,
-            default_cfg_scale=1.5)  # 1.5 as the original sample_ddp.py
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    # the checkpoint's own sampler and steps where not given (a few-step student's), written into meta.json
+    args.sampler, args.num_sampling_steps, args.cfg_scale = resolve_sampling(
+        data["sampling"], args.sampler, args.num_sampling_steps, args.cfg_scale, args.temperature,
+        default_cfg_scale=1.5)  # 1.5 as the original sample_ddp.py
     num_classes = model.config["num_classes"]
     if args.vae and not data["latent"]:
         raise SystemExit(f"error: {args.ckpt} denoises pixels, not VAE latents; drop --vae")
@@ -174,9 +197,13 @@ def sample(args, rank, world_size, device):
 
     if rank == 0:
         prepare_sample_dir(args.sample_dir, run_settings(args, vae_name), num_classes, num_chunks)
+        remove_temporaries(args.sample_dir)  # of a run killed while it wrote a chunk
+        remove_broken_chunks(args, num_chunks, num_classes)
     if dist.is_initialized():
         dist.barrier()  # nobody writes a chunk before this, so every rank sees the same missing chunks
     missing = [k for k in range(num_chunks) if not os.path.isfile(chunk_path(args.sample_dir, k))]
+    if dist.is_initialized():
+        dist.barrier()  # every rank has listed them before any rank writes one
     mine = missing[rank::world_size]  # round-robin over what is left, so a resumed run stays balanced
     print_rank0(rank, f"{num_chunks - len(missing)} of {num_chunks} chunks of {args.chunk_size} already in "
                       f"{args.sample_dir}; sampling {len(missing)} on {world_size} process(es), device {device}")
@@ -208,40 +235,39 @@ def parse_args(argv=None):
                                                  "torchrun or as one process; rerun the same command to resume.")
     add_checkpoint_args(parser)
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--num-samples", type=int, default=50_000,
+    sampling.add_argument("--num-samples", type=positive_int, default=50_000,
                           help="number of images; sample i has class label i %% num_classes")
-    sampling.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
+    sampling.add_argument("--per-proc-batch-size", type=positive_int, default=32,
+                          help="images per forward pass per process")
     sampling.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                           help="as sample.py's --sampler (default: the checkpoint's own, else ddpm)")
-    sampling.add_argument("--num-sampling-steps", type=int, default=None,
+    sampling.add_argument("--num-sampling-steps", type=positive_int, default=None,
                           help="number of steps (default: the steps a few-step student was distilled for, else 250)")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
-    sampling.add_argument("--cfg-scale", type=float, default=None,
+    sampling.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    sampling.add_argument("--cfg-scale", type=non_negative_float, default=None,
                           help="classifier-free guidance scale (1: none; default 1.5 as the original sample_ddp.py, "
                                "1 for a few-step student distilled without guidance); one forward per step for a "
                                "guidance-distilled model")
-    sampling.add_argument("--temperature", type=float, default=1.0,
+    sampling.add_argument("--temperature", type=positive_float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
-    sampling.add_argument("--seed", type=int, default=0, help="random seed; chunk k's noise comes from (seed, k)")
+    sampling.add_argument("--seed", type=non_negative_int, default=0,
+                          help="random seed; chunk k's noise comes from (seed, k)")
     sampling.add_argument("--vae", default=None, help="VAE to decode latents: ema, mse, a local folder or a hub id "
                                                       "(default: the checkpoint's, else ema)")
     output = parser.add_argument_group("output")
     output.add_argument("--sample-dir", required=True,
                         help="folder for meta.json and the chunks (shared by all nodes of a multi-node run)")
-    output.add_argument("--chunk-size", type=int, default=256,
+    output.add_argument("--chunk-size", type=positive_int, default=256,
                         help="consecutive samples per chunk file; a stopped job loses the chunks in flight. A "
                              "multiple of --per-proc-batch-size keeps every batch full")
     output.add_argument("--out", default=None, help="the final .npz (default: SAMPLE_DIR/samples_NUM_SAMPLES.npz)")
     args = parser.parse_args(argv)
-    for flag in ("num_samples", "per_proc_batch_size", "num_sampling_steps", "chunk_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive")
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt} does not exist")
+    if args.out is not None:
+        check_output_path(parser, "--out", args.out)
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 
+from checks import UserError, non_negative_int, number_in, positive_int, run_script
 from fewstep import evaluate_rows
 
 SAMPLERS = ("ddim", "dpm++2m", "unipc")
@@ -63,8 +64,8 @@ def main(args):
     for path in args.ckpt:
         model, data = load_dit_checkpoint(path)
         if data["sampling"]["sampler"] is not None:
-            raise SystemExit(f"error: {path} is a {data['sampling']['method']}-distilled student, which samples with "
-                             f"its own sampler only; give noise-predicting checkpoints")
+            raise UserError(f"{path} is a {data['sampling']['method']}-distilled student, which samples with its "
+                            f"own sampler only - give noise-predicting checkpoints")
         name = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path)))) or path
         models[name if name not in models else path] = (model, data)
     text, _ = sampler_table(args, models)
@@ -77,17 +78,16 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", action="append", required=True,
                         help="a noise-predicting digits checkpoint (repeat for several; named by its run folder)")
     parser.add_argument("--out", default="results/samplers", help="output folder (the scorer is cached in it)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    parser.add_argument("--num-samples", type=int, default=500, help="samples scored per row")
-    parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial noise")
+    parser.add_argument("--num-samples", type=number_in(int, 2), default=500, help="samples scored per row")
+    parser.add_argument("--timing-samples", type=positive_int, default=100,
+                        help="batch timed for the sampling-time ratio")
     args = parser.parse_args(argv)
     missing = [path for path in args.ckpt if not os.path.isfile(path)]
     if missing:
         parser.error(f"--ckpt {missing[0]} does not exist")
-    if args.num_samples < 2 or args.timing_samples < 1:
-        parser.error("--num-samples must be at least 2 and --timing-samples at least 1")
     return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -29,6 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from checks import (lock_folder, non_negative_float, non_negative_int, number_in, positive_float, positive_int,
+                    probability, read_file, remove_temporaries, run_script)
 from diffusion import create_diffusion
 from distill import (STAGE_TERMS, STAGES, FeatureProjections, feature_loss, gaussian_kl_loss, init_student_from_teacher,
                      output_loss, softmax_kl_loss, stage_at, teacher_block_indices)
@@ -37,9 +39,10 @@ from models import (EPS_SAMPLING, DiT, DiT_models, load_state_dict_strict, model
 from step_distill import DIFFUSION_STEPS, METHODS as STEP_METHOD_NAMES, STEP_METHODS
 from sample import SAMPLERS, check_step_count
 
-# Flags that may change when a run is resumed; any other difference means a different experiment.
+# Flags that may change when a run is resumed; any other difference means a different experiment. --results-dir is
+# where the run lives, not what it does: a moved or copied run directory resumes.
 RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "log_every", "sample_every", "sample_sampler", "sample_steps",
-                     "num_workers", "compile"}
+                     "num_workers", "compile", "results_dir"}
 
 
 #################################################################################
@@ -164,14 +167,12 @@ def load_teacher(args, data, device):
     """The frozen teacher: --teacher-model filled with --teacher-ckpt (raw state_dict or training checkpoint)."""
     teacher = DiT_models[args.teacher_model](input_size=data["input_size"], in_channels=data["in_channels"],
                                              num_classes=data["num_classes"])
-    checkpoint = torch.load(args.teacher_ckpt, map_location="cpu", weights_only=True)
+    checkpoint = read_file(args.teacher_ckpt, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                           "truncated, or not a DiT checkpoint: pass a complete --teacher-ckpt")
     if "ema" in checkpoint or "model" in checkpoint:  # a training checkpoint: its EMA weights
         checkpoint = checkpoint.get("ema", checkpoint.get("model"))
-    try:
-        load_state_dict_strict(teacher, checkpoint, f"--teacher-ckpt {args.teacher_ckpt} (for --teacher-model "
-                                                    f"{args.teacher_model})")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    load_state_dict_strict(teacher, checkpoint, f"--teacher-ckpt {args.teacher_ckpt} (for --teacher-model "
+                                                f"{args.teacher_model})")
     teacher.requires_grad_(False)  # frozen three ways: no grads, eval mode, and no_grad around its call
     teacher.eval()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -195,10 +196,7 @@ def load_step_teacher(args, data, device):
     from models import load_dit_checkpoint
     raw = dict(model_name=args.teacher_model, image_size=data["image_size"], num_classes=data["num_classes"]) \
         if args.teacher_model else {}
-    try:
-        teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt, **raw)
-    except ValueError as error:
-        raise SystemExit(f"error: --teacher-ckpt: {error}") from None
+    teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt, **raw)  # a UserError names the file
     shape = {k: teacher.config[k] for k in ("input_size", "in_channels", "num_classes")}
     if shape != {k: data[k] for k in shape} or teacher_data["latent"] != data["latent"]:
         raise SystemExit(f"error: the teacher {args.teacher_ckpt} denoises {shape} "
@@ -385,7 +383,9 @@ def save_sample_grid(ema, data, sampling, vae, path, step, writer, sampler, num_
 def main(args):
     rank, world_size, device = setup_distributed()
     try:
-        train(args, rank, world_size, device)
+        # One run per --results-dir: rank 0 holds its lock for the run's life (a second run stops at once).
+        with lock_folder(args.results_dir, "--results-dir") if rank == 0 else nullcontext():
+            train(args, rank, world_size, device)
     finally:
         cleanup()
     if world_size > 1:
@@ -415,6 +415,8 @@ def train(args, rank, world_size, device):
                          f"processes")
     os.makedirs(checkpoint_dir(args), exist_ok=True)
     os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
+    if rank == 0:
+        remove_temporaries(checkpoint_dir(args))  # of a run killed while it wrote a checkpoint
     logger = create_logger(args.results_dir, rank)
     writer = SummaryWriter(os.path.join(args.results_dir, "tensorboard")) if rank == 0 else None
 
@@ -569,10 +571,8 @@ def check_step_distillation_args(parser, args):
         parser.error("--step-distillation needs --teacher-ckpt")
     if not os.path.isfile(args.teacher_ckpt):
         parser.error(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
-    if args.max_steps is None or args.max_steps < 1:
+    if args.max_steps is None:
         parser.error("--step-distillation needs --max-steps N (N >= 1)")
-    if args.sampling_steps < 1 or args.progressive_start_steps < 2 or args.consistency_skip < 1:
-        parser.error("--sampling-steps and --consistency-skip must be at least 1, --progressive-start-steps 2")
     method_flags = {"progressive": ("progressive_start_steps", "sampling_steps"),
                     "consistency": ("consistency_skip", "consistency_target_decay", "sampling_steps"),
                     "guidance": ()}
@@ -581,13 +581,26 @@ def check_step_distillation_args(parser, args):
     if foreign:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} do(es) not apply to "
                      f"--step-distillation {args.step_distillation}")
-    if not 0 <= args.consistency_target_decay < 1:
-        parser.error("--consistency-target-decay must lie in [0, 1)")
     if args.guidance_range is not None:
         low, high = args.guidance_range
-        if not (np.isfinite(low) and np.isfinite(high) and 0 <= low <= high):
-            parser.error(f"--guidance-range {low} {high}: give finite WMIN <= WMAX, both >= 0 (1 is no guidance)")
+        if low > high:
+            parser.error(f"--guidance-range {low} {high}: give WMIN <= WMAX (1 is no guidance)")
         args.guidance_range = [low, high]
+
+
+def check_image_size(parser, args):
+    """--image-size must give the model a whole number of patches: pixels for the digits, latents (image / 8) for
+    image folders. (A step-distilled student's size is its teacher's, checked against the data when loaded.)"""
+    name = args.student_model if args.distillation else args.model
+    if args.image_size is None or name is None:
+        return
+    from models import VAE_DOWNSAMPLE
+    patch = model_config(name)["patch_size"]
+    multiple = patch * (VAE_DOWNSAMPLE if args.data_path else 1)
+    if args.image_size % multiple:
+        grid = f"latents of image-size / {VAE_DOWNSAMPLE} in patches of {patch}" if args.data_path else \
+            f"patches of {patch}"
+        parser.error(f"--image-size {args.image_size} must be a multiple of {multiple} for {name} ({grid})")
 
 
 def parse_args(argv=None):
@@ -606,10 +619,11 @@ def build_parser():
     source.add_argument("--data", choices=["digits"], default=None, help="the embedded digits (the default)")
     source.add_argument("--data-path", default=None, help="ImageNet-style folder of class folders (VAE in the loop)")
     source.add_argument("--latents-path", default=None, help="folder of latents written by extract_latents.py")
-    data.add_argument("--image-size", type=int, default=None, help="image size in pixels (digits 8, folders 256)")
+    data.add_argument("--image-size", type=positive_int, default=None,
+                      help="image size in pixels (digits 8, folders 256)")
     data.add_argument("--vae", default=None, help="VAE (ema, mse, a local folder or hub id) to encode --data-path "
                                                   "(default ema) or decode --latents-path sample grids")
-    data.add_argument("--num-workers", type=int, default=None,
+    data.add_argument("--num-workers", type=non_negative_int, default=None,
                       help="data loader processes (default: 0 for digits, 4 otherwise)")
 
     model = parser.add_argument_group("model (plain training)")
@@ -625,27 +639,29 @@ def build_parser():
     student = parser.add_argument_group("student")
     student.add_argument("--student-model", choices=list(DiT_models), default=None,
                          help="student architecture (with --distillation)")
-    student.add_argument("--student-depth", type=int, default=None,
+    student.add_argument("--student-depth", type=positive_int, default=None,
                          help="override the student's number of blocks (e.g. 14 for a half-depth DiT-XL/2)")
     student.add_argument("--student-init-from-teacher", action="store_true",
                          help="start from the teacher's embedders, final layer and evenly spaced blocks "
                               "(needs the teacher's width)")
 
     kd = parser.add_argument_group("knowledge distillation losses")
-    kd.add_argument("--kd-output-weight", type=float, default=1.0, help="weight of the predicted-noise MSE")
-    kd.add_argument("--kd-feature-weight", type=float, default=0.1, help="weight of the per-block feature MSE")
-    kd.add_argument("--kd-kl-weight", type=float, default=0.5, help="weight of the output-distribution KL")
+    kd.add_argument("--kd-output-weight", type=non_negative_float, default=1.0,
+                    help="weight of the predicted-noise MSE")
+    kd.add_argument("--kd-feature-weight", type=non_negative_float, default=0.1,
+                    help="weight of the per-block feature MSE")
+    kd.add_argument("--kd-kl-weight", type=non_negative_float, default=0.5, help="weight of the output-distribution KL")
     kd.add_argument("--kd-kl-type", choices=["softmax", "gaussian"], default="softmax",
                     help="softmax: KL of channel softmaxes at temperature T, times T^2 (the method's formula); "
                          "gaussian: KL between the tempered Gaussians p(x_{t-1}|x_t) of teacher and student")
-    kd.add_argument("--kd-temperature", type=float, default=2.0, help="distillation temperature T")
+    kd.add_argument("--kd-temperature", type=positive_float, default=2.0, help="distillation temperature T")
 
     stages = parser.add_argument_group("stages (with --distillation)")
-    stages.add_argument("--warmup-steps", type=int, default=100_000,
+    stages.add_argument("--warmup-steps", type=non_negative_int, default=100_000,
                         help="steps of diffusion loss + per-block feature distillation")
-    stages.add_argument("--feature-steps", type=int, default=200_000,
+    stages.add_argument("--feature-steps", type=non_negative_int, default=200_000,
                         help="steps adding output (noise) MSE distillation")
-    stages.add_argument("--joint-steps", type=int, default=300_000,
+    stages.add_argument("--joint-steps", type=non_negative_int, default=300_000,
                         help="steps adding the tempered output-distribution KL")
 
     steps = parser.add_argument_group(
@@ -656,44 +672,51 @@ def build_parser():
                        help="progressive: rounds halving the DDIM steps (Salimans & Ho 2022); consistency: "
                             "consistency distillation with multistep sampling (Song et al. 2023, LCM); guidance: "
                             "the student takes the guidance scale as an input (Meng et al. 2023)")
-    steps.add_argument("--sampling-steps", type=int, default=4,
+    steps.add_argument("--sampling-steps", type=positive_int, default=4,
                        help="steps the student samples in: progressive distils down to it; consistency records it "
                             "as the checkpoint's default (any count up to 1000 / --consistency-skip works)")
-    steps.add_argument("--progressive-start-steps", type=int, default=64,
+    steps.add_argument("--progressive-start-steps", type=number_in(int, 2), default=64,
                        help="DDIM steps of the teacher in the first progressive round (--sampling-steps times a "
                             "power of two); --max-steps is split evenly over the rounds")
-    steps.add_argument("--consistency-skip", type=int, default=20,
+    steps.add_argument("--consistency-skip", type=positive_int, default=20,
                        help="skipping interval k: the teacher's DDIM step goes from t to t - k (LCM's 20)")
-    steps.add_argument("--consistency-target-decay", type=float, default=0.95,
+    steps.add_argument("--consistency-target-decay", type=number_in(float, 0, 1, high_open=True), default=0.95,
                        help="EMA decay of the consistency target network (LCM's 0.95)")
-    steps.add_argument("--guidance-range", type=float, nargs=2, metavar=("WMIN", "WMAX"), default=None,
+    steps.add_argument("--guidance-range", type=non_negative_float, nargs=2, metavar=("WMIN", "WMAX"), default=None,
                        help="guidance scales the student learns to take as input (w drawn uniformly; 1 = no "
                             "guidance): required for guidance, optional with progressive or consistency (then the "
                             "teacher's steps are guided, as LCM)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max-steps", type=int, default=None,
+    optim.add_argument("--max-steps", type=positive_int, default=None,
                        help="training steps (plain training and step distillation)")
-    optim.add_argument("--global-batch-size", type=int, default=256, help="batch size summed over all processes")
-    optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as the original)")
-    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the saved weights")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0,
+    optim.add_argument("--global-batch-size", type=positive_int, default=256,
+                       help="batch size summed over all processes")
+    optim.add_argument("--lr", type=non_negative_float, default=1e-4,
+                       help="AdamW learning rate (constant, as the original)")
+    optim.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    optim.add_argument("--ema-decay", type=probability, default=0.9999, help="EMA decay of the saved weights")
+    optim.add_argument("--max-grad-norm", type=non_negative_float, default=1.0,
                        help="gradient clipping (0: off; the original DiT clips nothing, KD terms can spike)")
     optim.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16 autocast (fp16 is not offered: DiT-XL/2 goes NaN in it)")
     optim.add_argument("--compile", action="store_true", help="torch.compile the student (and teacher)")
     optim.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    optim.add_argument("--seed", type=int, default=0, help="seed of the data order, noise, timesteps and drops")
+    optim.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seed of the data order, noise, timesteps and drops")
 
     run = parser.add_argument_group("run")
     run.add_argument("--results-dir", default="results/run", help="run folder; rerunning resumes from it")
-    run.add_argument("--log-every", type=int, default=100, help="steps between logged (averaged) losses")
-    run.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and at the end)")
-    run.add_argument("--sample-every", type=int, default=0, help="steps between EMA sample grids (0: none)")
-    run.add_argument("--sample-sampler", choices=[name for name in SAMPLERS if name != "consistency"], default="dpm++2m",
+    run.add_argument("--log-every", type=positive_int, default=100, help="steps between logged (averaged) losses")
+    run.add_argument("--ckpt-every", type=positive_int, default=50_000,
+                     help="steps between checkpoints (and at the end)")
+    run.add_argument("--sample-every", type=non_negative_int, default=0,
+                     help="steps between EMA sample grids (0: none)")
+    run.add_argument("--sample-sampler", choices=[name for name in SAMPLERS if name != "consistency"],
+                     default="dpm++2m",
                      help="sampler of those grids (a step-distilled student always uses its own): sample.py's")
-    run.add_argument("--sample-steps", type=int, default=20, help="its steps (dpm++2m 20 matches ddim 50, README)")
+    run.add_argument("--sample-steps", type=positive_int, default=20,
+                     help="its steps (dpm++2m 20 matches ddim 50, README)")
 
     return parser
 
@@ -709,12 +732,8 @@ def check_args(parser, args):
         if args.max_steps is not None:
             parser.error("with --distillation the run lasts --warmup-steps + --feature-steps + --joint-steps; "
                          "drop --max-steps")
-        if min(args.warmup_steps, args.feature_steps, args.joint_steps) < 0:
-            parser.error("stage lengths must be non-negative")
         if args.warmup_steps + args.feature_steps + args.joint_steps < 1:
             parser.error("the stages add up to no steps")
-        if args.kd_temperature <= 0:
-            parser.error("--kd-temperature must be positive")
         if args.teacher_ckpt and not os.path.isfile(args.teacher_ckpt):
             parser.error(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
     else:
@@ -724,7 +743,7 @@ def check_args(parser, args):
                          "--step-distillation")
         if not args.model:
             parser.error("plain training needs --model (or pass --distillation)")
-        if args.max_steps is None or args.max_steps < 1:
+        if args.max_steps is None:
             parser.error("plain training needs --max-steps N (N >= 1)")
     if args.step_distillation is None and any(getattr(args, k) != parser.get_default(k) for k in STEP_FLAGS):
         parser.error("--sampling-steps, --progressive-*, --consistency-* and --guidance-range need "
@@ -733,8 +752,6 @@ def check_args(parser, args):
             model_config(args.student_model)["hidden_size"] != model_config(args.teacher_model)["hidden_size"]):
         parser.error("--student-init-from-teacher copies teacher blocks, so the student needs the teacher's width: "
                      "use --student-model of the teacher's size with a smaller --student-depth")
-    if args.student_depth is not None and args.student_depth < 1:
-        parser.error("--student-depth must be at least 1")
     if args.vae and not (args.data_path or args.latents_path):
         parser.error("--vae applies to --data-path or --latents-path, not to the pixel-space digits")
     if args.sample_every:
@@ -742,12 +759,9 @@ def check_args(parser, args):
             check_step_count(args.sample_sampler, args.sample_steps)
         except ValueError as error:
             parser.error(f"--sample-sampler {args.sample_sampler} --sample-steps {args.sample_steps}: {error}")
-    if args.global_batch_size < 1 or args.log_every < 1 or args.ckpt_every < 1 or args.sample_every < 0:
-        parser.error("--global-batch-size, --log-every and --ckpt-every must be at least 1, --sample-every >= 0")
-    if not 0 <= args.ema_decay <= 1:
-        parser.error("--ema-decay must lie in [0, 1]")
     if args.latents_path and args.image_size:
         parser.error("--image-size is read from the latents folder; drop it with --latents-path")
+    check_image_size(parser, args)
     if args.data_path and not args.vae:
         args.vae = "ema"
     if args.num_workers is None:
@@ -755,4 +769,4 @@ def check_args(parser, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args)

@@ -10,6 +10,7 @@ from diffusers import DiTTransformer2DModel
 
 from convert_diffusers import (diffusers_config, dit_from_diffusers, dit_to_diffusers, load_dit_checkpoint,
                                parse_args, use_original_timestep_frequencies)
+from checks import UserError
 from models import DiT, DiT_models
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,7 +284,7 @@ def test_latent_pipeline_with_its_vae(tmp_path):
     torch.save({"config": model.config, "ema": model.state_dict(),
                 "data": {"image_size": 64, "latent": True, "vae": None}}, tmp_path / "latent.pt")
     ckpt = str(tmp_path / "latent.pt")
-    with pytest.raises(SystemExit, match="pass --vae"):
+    with pytest.raises(UserError, match="pass --vae"):
         convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--out", tmp_path / "no_vae")
     assert not (tmp_path / "no_vae").exists()
     convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--vae", tmp_path / "vae", "--out", tmp_path / "pipe")
@@ -297,7 +298,8 @@ def test_latent_pipeline_with_its_vae(tmp_path):
 def test_not_a_dit_folder_is_a_clear_error(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(SystemExit, match="not a DiT transformer"):
-        convert("--from-diffusers", tmp_path / "unet", "--out", tmp_path / "x.pt")
+    result = run_script("--from-diffusers", str(tmp_path / "unet"), "--out", str(tmp_path / "x.pt"))
+    assert result.returncode == 1 and "error: " in result.stderr and "not a DiT transformer" in result.stderr
+    assert "Traceback" not in result.stderr
     with pytest.raises(SystemExit):
         parse_args(["--to-diffusers", "--ckpt", "x.pt", "--out", "o", "--vae", "ema"])

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import extract_latents
+from checks import UserError, lock_folder
 from data import (LATENT_SCALE, DigitsDataset, ImageFolderDataset, LatentsDataset, center_crop_arr, decode_latents,
                   encode_images, latents_shard_path, load_digits_arrays, load_vae)
 
@@ -179,7 +180,7 @@ def test_extract_latents_end_to_end_and_resume(tmp_path, tiny_vae_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_images"] == 5 and meta["num_shards"] == 3 and meta["class_names"] == ["a", "b"]
     assert meta["latent_scale"] == LATENT_SCALE and meta["flip"] is False
-    assert sorted(os.listdir(out)) == ["latents_00000.pt", "latents_00001.pt", "latents_00002.pt", "meta.json"]
+    assert sorted(os.listdir(out)) == [".lock", "latents_00000.pt", "latents_00001.pt", "latents_00002.pt", "meta.json"]
 
     dataset = LatentsDataset(str(out))
     assert len(dataset) == 5 and dataset.class_names == ["a", "b"]
@@ -195,19 +196,25 @@ def test_extract_latents_end_to_end_and_resume(tmp_path, tiny_vae_path):
     standardized = (latents - latent_dist.mean * 0.18215) / (latent_dist.std * 0.18215)
     assert abs(standardized.mean()) < 0.2 and 0.8 < standardized.std() < 1.2
 
-    # Resume: remove the middle shard; a rerun writes only that one, identical to before.
-    stamps = {k: os.stat(latents_shard_path(out, k)).st_mtime_ns for k in (0, 2)}
-    middle = torch.load(latents_shard_path(out, 1), weights_only=True)
+    # Resume: remove the middle shard and truncate the first (a disk error, a copy cut short); a rerun writes only
+    # those two, identical to before.
+    stamp = os.stat(latents_shard_path(out, 2)).st_mtime_ns
+    before = [torch.load(latents_shard_path(out, k), weights_only=True) for k in (0, 1)]
     os.remove(latents_shard_path(out, 1))
     with pytest.raises(FileNotFoundError, match="rerun"):
         LatentsDataset(str(out))
+    with open(latents_shard_path(out, 0), "r+b") as f:
+        f.truncate(400)
+    (out / ".tmp-killed.pt").write_bytes(b"what a killed writer leaves")
     second = run_script(*command)
     assert second.returncode == 0, second.stderr
-    assert "2 already complete, 1 to write" in second.stdout
-    assert {k: os.stat(latents_shard_path(out, k)).st_mtime_ns for k in (0, 2)} == stamps
-    again = torch.load(latents_shard_path(out, 1), weights_only=True)
-    assert torch.equal(again["latents"], middle["latents"]) and torch.equal(again["labels"], middle["labels"])
-    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    assert f"{latents_shard_path(out, 0)}: cannot be read" in second.stdout
+    assert "1 already complete, 2 to write" in second.stdout
+    assert os.stat(latents_shard_path(out, 2)).st_mtime_ns == stamp
+    for k in (0, 1):
+        again = torch.load(latents_shard_path(out, k), weights_only=True)
+        assert torch.equal(again["latents"], before[k]["latents"]) and torch.equal(again["labels"], before[k]["labels"])
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
 
     # Other settings into the same folder are refused instead of mixing shards.
     third = run_script(*command[:-4], "--shard-size", "3", "--num-workers", "0")
@@ -218,8 +225,13 @@ def test_extract_latents_mean_mode_matches_encoder(tmp_path, tiny_vae_path):
     images = write_image_folder(tmp_path / "images", {"a": [(16, 16)], "b": [(20, 16), (16, 16)]})
     out = tmp_path / "latents"
     # in this process (the script's main, without its argparse) to spare a second start of torch and diffusers
-    extract_latents.main(argparse.Namespace(data_path=str(images), image_size=16, vae=tiny_vae_path, out=str(out),
-                                            batch_size=2, shard_size=2, mode="mean", seed=0, num_workers=0))
+    args = argparse.Namespace(data_path=str(images), image_size=16, vae=tiny_vae_path, out=str(out), batch_size=2,
+                              shard_size=2, mode="mean", seed=0, num_workers=0)
+    with lock_folder(str(out), "--out"):  # another run on the same folder: refused before it writes anything
+        with pytest.raises(UserError, match=f"{out}: in use by pid {os.getpid()} .* choose another --out"):
+            extract_latents.main(args)
+        assert os.listdir(out) == [".lock"]
+    extract_latents.main(args)
     dataset = LatentsDataset(str(out))
     latents = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (3, 4, 8, 8)
     pixels = torch.stack([x for x, _ in ImageFolderDataset(str(images), 16, flip=False)])
