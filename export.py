@@ -384,10 +384,11 @@ def write_onnx_fp16(fp32_path, fp16_path, metadata):
     import onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        staged, external = staged_onnx(fp32_path, metadata, tmp, rewrite=convert_to_fp16)
+        staged, _ = staged_onnx(fp32_path, metadata, tmp, rewrite=convert_to_fp16)
         model = onnx.load(staged)
-    onnx.checker.check_model(model)
-    onnx.save(model, fp16_path, save_as_external_data=external)
+    external = model.ByteSize() > ONNX_PROTOBUF_LIMIT  # half the fp32 file's weights: often under the limit
+    onnx.save(model, fp16_path, save_as_external_data=external, location=os.path.basename(fp16_path) + ".data")
+    onnx.checker.check_model(fp16_path)
 
 
 #################################################################################
@@ -567,10 +568,10 @@ def output_paths(args):
             "fp16": stem + "_fp16" + extension, "calib": stem + "_calib.npz"}
 
 
-def write_variants(args, model, data, config, example):
-    """Write the fp32 file and the int8 / fp16 files the flags ask for; returns [(path, metadata)], fp32 first."""
+def write_variants(args, model, fp32, data, example):
+    """Write the fp32 file (of the Denoiser fp32) and the int8 / fp16 files the flags ask for; returns
+    [(path, metadata)], fp32 first."""
     paths = output_paths(args)
-    fp32 = Denoiser(model, args.cfg_scale).eval()
     files = [(paths["fp32"], export_metadata(model, data, args, "fp32"))]
     WRITERS[args.format](fp32, example, *files[0], args.dynamic_batch)
     if args.int8 and args.format != "onnx":
@@ -578,10 +579,7 @@ def write_variants(args, model, data, config, example):
         int8 = Denoiser(quantize_int8(model), args.cfg_scale).eval()
         WRITERS[args.format](int8, example, *files[-1], args.dynamic_batch)
     elif args.int8:
-        if data["sampling"]["sampler"] is not None and args.calib_steps is not None:
-            raise ValueError(f"{args.ckpt} samples with its own {data['sampling']['sampler']} sampler, whose "
-                             f"timesteps calibrate it; drop --calib-steps")
-        calibration = calibration_set(config, data, args.calib_samples, args.calib_steps or CALIB_DDIM_STEPS,
+        calibration = calibration_set(model.config, data, args.calib_samples, args.calib_steps or CALIB_DDIM_STEPS,
                                       args.calib_latents)
         np.savez(paths["calib"], **calibration)
         print(f"wrote {paths['calib']}: {args.calib_samples} training inputs forward-noised at the timesteps "
@@ -607,6 +605,9 @@ def main(args):
     if args.cfg_scale is not None and model.w_embedder is not None:
         raise ValueError(f"{args.ckpt} is guidance-distilled: the guidance scale is an input of the exported file "
                          f"(w, in {data['sampling']['guidance_range']}); drop --cfg-scale")
+    if args.calib_steps is not None and data["sampling"]["sampler"] is not None:
+        raise ValueError(f"{args.ckpt} samples with its own {data['sampling']['sampler']} sampler, whose timesteps "
+                         f"calibrate it; drop --calib-steps")
     guidance_range = data["sampling"]["guidance_range"] if model.w_embedder is not None else None
     keys = "xtyw" if guidance_range else "xty"
     os.makedirs(os.path.dirname(os.path.abspath(output_paths(args)["fp32"])), exist_ok=True)
@@ -621,7 +622,7 @@ def main(args):
     fp32 = Denoiser(model, args.cfg_scale).eval()
     reference = {b: fp32(*(torch.from_numpy(inputs[f"{k}_{b}"]) for k in keys)).numpy() for b in batch_sizes}
 
-    files = write_variants(args, model, data, config, example)
+    files = write_variants(args, model, fp32, data, example)
     for path, metadata in files:
         with open(path + ".json", "w") as f:
             json.dump(metadata, f, indent=2)
