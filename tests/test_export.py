@@ -209,6 +209,24 @@ def test_calibration_set_is_forward_noised_training_data(exports):
     assert 0.5 < calibration["x"][calibration["t"] == 800].std() < 1.5
 
 
+def test_calibration_of_a_latent_model_draws_its_latents(tmp_path):
+    """--calib-latents: rows are the extract_latents.py folder's latents, forward-noised, with their labels."""
+    from data import latents_shard_path
+    latents = torch.full((3, 4, 2, 2), 0.5) * torch.arange(1, 4).view(3, 1, 1, 1)  # x_0 = 0.5, 1.0, 1.5 per image
+    torch.save({"latents": latents, "labels": torch.tensor([7, 8, 9])}, latents_shard_path(tmp_path, 0))
+    (tmp_path / "meta.json").write_text(json.dumps({"class_names": list("abcdefghij"), "num_shards": 1,
+                                                    "num_images": 3}))
+    data = {"latent": True, "image_size": 16, "sampling": run_exported.EPS_SAMPLING}
+    config = dict(DIGITS, in_channels=4, input_size=2)
+    calibration = export.calibration_set(config, data, 6, 10, latents_path=str(tmp_path))
+    assert calibration["x"].shape == (6, 4, 2, 2) and sorted(calibration["y"].tolist()) == [7, 7, 8, 8, 9, 9]
+    abar = create_diffusion("").alphas_cumprod[calibration["t"].astype(int)]
+    x0 = 0.5 * (calibration["y"] - 6)  # each label's constant latent
+    noise = (calibration["x"] - np.sqrt(abar)[:, None, None, None] * x0[:, None, None, None]) \
+        / np.sqrt(1 - abar)[:, None, None, None]
+    assert np.abs(noise).max() < 5 and set(calibration["t"].tolist()) <= set(range(0, 1000, 100))
+
+
 def test_calibration_timesteps_are_the_few_step_samplers():
     sampling = dict(run_exported.EPS_SAMPLING, method="consistency", sampler="consistency", default_steps=4,
                     consistency_skip=20)
