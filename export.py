@@ -1,28 +1,33 @@
-"""Export a DiT denoiser (TorchScript, ONNX, torch.export), optionally in int8, and check it in a fresh process.
+"""Export a DiT denoiser (TorchScript, ONNX, torch.export), optionally in int8 or fp16, and check it in a fresh process.
 
-    python export.py --ckpt results/digits/checkpoints/0002000.pt --format onnx --int8 --dynamic-batch
+    python export.py --ckpt results/digits/checkpoints/0002000.pt --format onnx --int8 --fp16 --dynamic-batch
     python export.py --ckpt DiT-S-2.pt --model DiT-S/2 --image-size 256 --format torchscript --int8 --cfg-scale 4
 
 The exported function is the denoiser: x_t (N, C, H, W) float32, t (N,) float32 timesteps in [0, 1000), y (N,) int32
 labels -> the DiT output (N, C_out, H, W) (eps, then the variance channels of a learned-sigma model). With --cfg-scale
 the graph also runs the null-label batch and returns the guided output (classifier-free guidance folded in).
-Files written: OUT (fp32) and, with --int8, OUT_int8 beside it; ONNX --int8 also writes OUT_calib.npz, inputs along
-DDIM trajectories for TensorRT's int8 calibration. Each file carries the metadata run_exported.py needs (image size,
-channels, classes, learned sigma, folded guidance, pixel or latent): embedded (dit_export.json inside TorchScript and
-.pt2 archives, metadata_props["dit_export"] in ONNX) and as OUT.json beside it.
+Files written: OUT (fp32) and beside it, with --int8, OUT_int8 (ONNX: also OUT_int8_cpu.onnx and OUT_calib.npz), with
+--fp16 (ONNX only) OUT_fp16.onnx. Each file carries the metadata run_exported.py needs (image size, channels, classes,
+learned sigma, folded guidance, pixel or latent, how the model samples): embedded (dit_export.json inside TorchScript
+and .pt2 archives, metadata_props["dit_export"] in ONNX) and as OUT.json beside it. Every file takes and returns
+float32, so run_exported.py runs them all alike.
   torchscript  torch.jit.trace, then torch.jit.freeze; what libtorch loads, e.g. on a Jetson's CPU. int8: torch.ao
                dynamic quantization of the Linear layers (int8 weights per tensor, activations quantized per call),
                CPU only.
-  onnx         torch.onnx.export(dynamo=True), opset 18; for onnxruntime, and for TensorRT on a Jetson's GPU. int8:
-               onnxruntime's quantize_dynamic on the MatMuls of the Linear layers (QInt8 weights, activations
-               quantized per call); TensorRT builds its own int8 engine from the fp32 file and OUT_calib.npz.
+  onnx         torch.onnx.export(dynamo=True), opset 18; for onnxruntime, and for TensorRT on a Jetson's GPU.
+               int8: OUT_int8.onnx, explicit INT8 as TensorRT's strongly typed networks take it: QuantizeLinear /
+               DequantizeLinear pairs (zero point 0) around the Linear layers on tokens, scales calibrated by
+               onnxruntime's quantize_static on OUT_calib.npz (training data forward-noised at the timesteps the
+               model's sampler visits; keep it to re-quantize on the device). OUT_int8_cpu.onnx: onnxruntime's dynamic
+               int8 (MatMulInteger), faster on x86 / ARM CPUs, which TensorRT cannot parse.
+               fp16: OUT_fp16.onnx, fp16 weights and arithmetic in the graph, the sinusoidal timestep embedding and the
+               LayerNorms kept in fp32, inputs and output float32.
   exported     torch.export's ExportedProgram saved with torch.export.save (.pt2); fp32 only (INT8_EXPORTED_UNSUPPORTED
                below says why).
 Right after it is written, every file is loaded and run in a fresh Python process that can import nothing of the
 project (a copy of run_exported.py in an empty folder), compared with the eager fp32 model and timed on the CPU.
 """
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -36,11 +41,12 @@ import torch
 import torch.nn as nn
 
 from checks import check_output_path, non_negative_float, positive_int, run_script
-from data import LATENT_SCALE
+from data import LATENT_SCALE, DigitsDataset, LatentsDataset
 from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import get_named_beta_schedule
 from diffusion.respace import space_timesteps
 from models import DiT_models, load_dit_checkpoint
+from step_distill import trailing_timesteps
 from run_exported import METADATA_FILE, METADATA_KEY, quiet_torchscript_deprecation
 
 EXTENSIONS = {"torchscript": ".ts", "onnx": ".onnx", "exported": ".pt2"}
@@ -51,7 +57,12 @@ ONNX_PROTOBUF_LIMIT = 2 ** 31 - 1  # bigger ONNX files keep their weights in OUT
 DIFFUSION_STEPS = 1000  # DiT's training schedule: linear betas over 1000 steps (create_diffusion's default)
 VERIFY_BATCH_SIZES = (1, 8)  # a dynamic-batch export is checked and timed at these (it is traced at batch 2)
 FP32_TOLERANCE = 1e-4  # relative error an fp32 export may have against the eager model
+FP16_TOLERANCE = 0.01  # an fp16 export further than this from fp32 is broken (the digits student: 4e-4)
 INT8_TOLERANCE = 0.2  # an int8 export further than this from fp32 is broken, not merely quantized
+TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, "int8": INT8_TOLERANCE, "int8-cpu": INT8_TOLERANCE}
+CALIB_SAMPLES = 256  # default rows of OUT_calib.npz
+CALIB_DDIM_STEPS = 50  # default DDIM steps whose timesteps calibrate a plain (not step-distilled) model
+NOISE_SEED = 0  # seed of the calibration set's data draw, timesteps order and noise
 NEAR_ZERO_RMS = 1e-3  # below this RMS the reference output counts as zero and errors are measured absolutely
 INT8_EXPORTED_UNSUPPORTED = (
     "--int8 is not available with --format exported: torch.export cannot serialise torch.ao's dynamically "
@@ -116,7 +127,8 @@ def export_metadata(model, data, args, precision):
             "eps" + (", then the learned variance" if config["learn_sigma"] else ""))
     return {
         "format": args.format, "precision": precision,
-        "device": "any" if args.format == "onnx" else "cpu",  # a trace records the CPU for the tensors it creates
+        # a trace records the CPU for the tensors it creates; MatMulInteger is onnxruntime's CPU int8
+        "device": "any" if args.format == "onnx" and precision != "int8-cpu" else "cpu",
         "input_size": size, "in_channels": channels, "out_channels": model.out_channels,
         "learn_sigma": config["learn_sigma"], "num_classes": config["num_classes"],
         "latent": data["latent"], "image_size": data["image_size"], "vae": data["vae"],
@@ -216,29 +228,40 @@ def gemm_to_matmul(model):
     model.graph.initializer.extend(kept)
 
 
-def quantize_onnx(fp32_path, int8_path, metadata):
-    """onnxruntime dynamic int8 of the MatMuls with constant weights (the Linear layers; attention stays fp32).
+def staged_onnx(fp32_path, metadata, folder, rewrite=None, prepare=False):
+    """A copy of the fp32 ONNX file in folder carrying metadata (and rewritten by rewrite), for a quantizer to read;
+    weights beside it as the fp32 file has them. prepare: run the symbolic shape inference onnxruntime's quantizers
+    ask for, without graph optimisation (which could fuse MatMul + Add back into Gemm). Returns (path, external)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = onnx.load(fp32_path)
+    if rewrite is not None:
+        rewrite(model)
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))  # onnxruntime's quantizers carry it over
+    external = os.path.exists(fp32_path + ".data")  # as write_onnx chose for the fp32 file
+    staged, prepared = os.path.join(folder, "staged.onnx"), os.path.join(folder, "prepared.onnx")
+    onnx.save(model, staged, save_as_external_data=external)
+    if not prepare:
+        return staged, external
+    quant_pre_process(staged, prepared, skip_optimization=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True)
+    return prepared, external
+
+
+def quantize_onnx_cpu(fp32_path, int8_path, metadata):
+    """onnxruntime dynamic int8 of the MatMuls with constant weights (the Linear layers; attention stays fp32), for
+    CPUs only: TensorRT cannot parse its DynamicQuantizeLinear / MatMulInteger nodes.
 
     QInt8 weights, per tensor like torch's quantize_dynamic (per channel measured ~10% less error but 1.5x the batch-8
     latency on DiT-S/2); activations are quantized per call by DynamicQuantizeLinear, which produces uint8 only, so
     the products run as uint8 x int8 MatMulInteger.
     """
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.load(fp32_path)
-    gemm_to_matmul(model)
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata))  # quantize_dynamic carries it over
-    external = os.path.exists(fp32_path + ".data")  # weights beside the file, as write_onnx chose for the fp32 one
     with tempfile.TemporaryDirectory() as tmp:
-        staged, prepared = os.path.join(tmp, "matmul.onnx"), os.path.join(tmp, "prepared.onnx")
-        onnx.save(model, staged, save_as_external_data=external)
-        # The symbolic shape inference onnxruntime asks for before quantizing; no graph optimisation, which could
-        # fuse MatMul + Add back into Gemm.
-        quant_pre_process(staged, prepared, skip_optimization=True, save_as_external_data=external,
-                          all_tensors_to_one_file=True)
+        prepared, external = staged_onnx(fp32_path, metadata, tmp, rewrite=gemm_to_matmul, prepare=True)
         # reduce_range: 7-bit weights. On x86 CPUs without AVX-512 VNNI, onnxruntime's u8s8 MatMulInteger runs on
         # VPMADDUBSW, whose int16 sums saturate with full-range weights (relative error 0.09 instead of 0.01 on an
         # AVX2-only machine, as onnxruntime's quantization guide warns); 7 bits cannot saturate there.
@@ -246,52 +269,178 @@ def quantize_onnx(fp32_path, int8_path, metadata):
                          weight_type=QuantType.QInt8, use_external_data_format=external)
 
 
-#################################################################################
-#                     Calibration set for TensorRT's int8                       #
-#################################################################################
+def token_linear_nodes(model):
+    """Names of the MatMuls with a constant weight: the Linear layers on tokens (qkv, proj, fc1, fc2, final)."""
+    weights = {tensor.name for tensor in model.graph.initializer}
+    return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
 
-@torch.no_grad()
-def calibration_set(denoiser, config, num_samples, num_steps, metadata, seed=0):
-    """The inputs the exported graph sees along DDIM trajectories from pure noise, in visiting order.
 
-    num_samples trajectories with labels spread evenly over the classes, every step of a num_steps DDIM run (the
-    project's sampler, eta = 0), driven by the fp32 denoiser itself (guidance included when folded). Returns
-    {"x": float32 (M, C, H, W), "t": float32 (M,), "y": int32 (M,)} with M = num_samples * num_steps. A step-distilled
-    student is driven through its own few-step sampler instead (run_exported.py's, at its default steps; then M =
-    num_samples * its steps), a guidance-distilled one at w = 1, both adding the w column when the model takes it.
+def quantize_onnx_qdq(fp32_path, int8_path, metadata, calibration):
+    """Explicit INT8 for TensorRT: QuantizeLinear / DequantizeLinear around the Linear layers on tokens, nothing else
+    added (onnxruntime's quantize_static, QDQ format; TensorRT fuses each Q/DQ pair with its MatMul into an int8 GEMM).
+
+    Symmetric int8 everywhere (zero points 0, as TensorRT requires): weights per output channel, activations per
+    tensor with the max |value| seen on the calibration rows. The timestep / adaLN Gemms (one row per image, a third
+    of DiT's weights), the patch embedding and attention's two activation products stay fp32, as ModelOpt's ONNX PTQ
+    leaves them too: quantizing the Gemms that read the timestep embedding raised the error from 3% to 14% on inputs
+    away from the calibrated timesteps (digits student).
     """
-    if metadata["sampling"]["sampler"] is not None or "w" in metadata["inputs"]:
-        return few_step_calibration_set(denoiser, config, num_samples, metadata, seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = copy.deepcopy(denoiser).to(device) if device != "cpu" else denoiser
-    diffusion = create_diffusion(f"ddim{num_steps}", learn_sigma=config["learn_sigma"])
-    size, channels = config["input_size"], config["in_channels"]
-    noise = torch.randn(num_samples, channels, size, size, generator=torch.Generator().manual_seed(seed))
-    labels = torch.arange(num_samples) * config["num_classes"] // num_samples
-    seen = []
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
-    def recorded(x, t, y):  # t: the original timesteps of the respaced steps
-        seen.append((x.float().cpu(), t.float().cpu(), y.int().cpu()))
-        return model(x, t.float(), y.int())
-    diffusion.ddim_sample_loop(recorded, noise.shape, noise.to(device), clip_denoised=False,
-                               model_kwargs={"y": labels.to(device)}, device=device)
-    x, t, y = (torch.cat(column).numpy() for column in zip(*seen))
-    return {"x": x, "t": t, "y": y}
+    batch = metadata["batch_size"] or 1
+    rows = len(calibration["t"])
+    feeds = [{name: column[np.arange(start, start + batch) % rows] for name, column in calibration.items()}
+             for start in range(0, rows, batch)]  # a fixed-batch file is fed its own batch size (wrapping around)
+
+    class CalibrationRows(CalibrationDataReader):  # quantize_static asks for a reader object, not a list
+        def get_next(self):
+            return feeds.pop(0) if feeds else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged, external = staged_onnx(fp32_path, metadata, tmp, prepare=True)
+        quantize_static(staged, int8_path, CalibrationRows(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], nodes_to_quantize=token_linear_nodes(onnx.load(staged)),
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
 
 
-def few_step_calibration_set(denoiser, config, num_samples, metadata, seed):
-    """calibration_set for models that run_exported.py samples with their own sampler or a w input."""
-    from run_exported import sample as sample_exported
-    seen = []
+#################################################################################
+#                            fp16 written into the ONNX                         #
+#################################################################################
 
-    def recorded(x, t, y, w=None):
-        seen.append((x, t, y) + (() if w is None else (w,)))
-        inputs = [torch.from_numpy(v) for v in seen[-1]]
-        return denoiser(*inputs).numpy()
-    labels = np.arange(num_samples) * config["num_classes"] // num_samples
-    sample_exported(recorded, metadata, labels, seed=seed)
-    columns = [np.concatenate(column) for column in zip(*seen)]
-    return dict(zip("xtyw", columns))
+FP32_OPS = {"LayerNormalization", "Cast", "Constant", "ConstantOfShape", "Range"}  # normalisations; typed sources
+
+
+def timestep_embedding_nodes(graph):
+    """Nodes from the inputs t (and w) up to the first Gemm / MatMul they feed: the sinusoidal embeddings, whose
+    arguments reach t * 1 = 999, where fp16's spacing is 0.5 (a cos of anything)."""
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found, frontier = set(), [tensor.name for tensor in graph.input if tensor.name in ("t", "w")]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type not in ("Gemm", "MatMul") and node.name not in found:
+                found.add(node.name)
+                frontier.extend(node.output)
+    return found
+
+
+def cast_node(name, to_fp16):
+    from onnx import TensorProto, helper
+
+    cast = f"{name}_{'fp16' if to_fp16 else 'fp32'}"
+    return helper.make_node("Cast", [name], [cast], cast + "_cast",
+                            to=TensorProto.FLOAT16 if to_fp16 else TensorProto.FLOAT)
+
+
+def convert_to_fp16(model):
+    """An onnx.ModelProto with fp16 weights and arithmetic, except the timestep embedding and the FP32_OPS nodes;
+    a Cast wherever a float tensor crosses between the two, inputs and outputs kept float32."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    floats = {tensor.name for tensor in list(graph.input) + list(graph.value_info) + list(graph.output)
+              if tensor.type.tensor_type.elem_type == TensorProto.FLOAT}
+    floats |= {tensor.name for tensor in graph.initializer if tensor.data_type == TensorProto.FLOAT}
+    fp32_nodes = timestep_embedding_nodes(graph) | {node.name for node in graph.node if node.op_type in FP32_OPS}
+    fp16_nodes = [node for node in graph.node if node.name not in fp32_nodes]
+    halves = {name for node in fp16_nodes for name in node.output if name in floats}  # tensors held in fp16
+    fp16_inputs = {name for node in fp16_nodes for name in node.input}
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT and tensor.name in fp16_inputs:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+            halves.add(tensor.name)
+    outputs = {tensor.name for tensor in graph.output}
+    nodes, casts = [], {}
+    for node in graph.node:
+        to_fp16 = node.name not in fp32_nodes
+        for i, name in enumerate(node.input):
+            if name in floats and (name in halves) != to_fp16:
+                if (name, to_fp16) not in casts:
+                    casts[name, to_fp16] = cast_node(name, to_fp16)
+                    nodes.append(casts[name, to_fp16])
+                node.input[i] = casts[name, to_fp16].output[0]
+        renamed = [name for name in node.output if name in outputs and name in halves]
+        for i, name in enumerate(node.output):
+            node.output[i] = name + "_fp16" if name in renamed else name
+        nodes.append(node)
+        for name in renamed:  # the graph's output, back to float32
+            nodes.append(cast_node(name + "_fp16", to_fp16=False))
+            nodes[-1].output[0] = name
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # stale types; onnxruntime and TensorRT infer them again
+    model.graph.CopyFrom(graph)
+
+
+def write_onnx_fp16(fp32_path, fp16_path, metadata):
+    """OUT_fp16.onnx from the fp32 file: convert_to_fp16, checked by onnx.checker. Hand-written with onnx's helpers:
+    ModelOpt's AutoCast does the same, but its install pins onnx and onnxruntime-gpu versions (README)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged, _ = staged_onnx(fp32_path, metadata, tmp, rewrite=convert_to_fp16)
+        model = onnx.load(staged)
+    external = model.ByteSize() > ONNX_PROTOBUF_LIMIT  # half the fp32 file's weights: often under the limit
+    onnx.save(model, fp16_path, save_as_external_data=external, location=os.path.basename(fp16_path) + ".data")
+    onnx.checker.check_model(fp16_path)
+
+
+#################################################################################
+#                        Calibration set for the INT8 file                      #
+#################################################################################
+
+def sampler_timesteps(sampling, ddim_steps):
+    """The timesteps the model's own sampler visits: a step-distilled student's few-step grid at its default steps,
+    else those of DDIM with ddim_steps steps."""
+    if sampling["sampler"] == "consistency":
+        return trailing_timesteps(sampling["default_steps"], sampling["consistency_skip"])
+    if sampling["sampler"] is not None:  # ddim-trailing
+        return trailing_timesteps(sampling["default_steps"])
+    return sorted(space_timesteps(DIFFUSION_STEPS, f"ddim{ddim_steps}"), reverse=True)
+
+
+def training_data(config, data, num_samples, latents_path, generator):
+    """num_samples (x_0 float32 (N, C, H, W), labels) drawn from the data the model was trained on: digits pixels in
+    [-1, 1], or latents written by extract_latents.py; a latent model without latents_path gets N(0, 1) stand-ins
+    (the latent scale makes latents about unit variance)."""
+    if not data["latent"]:
+        dataset = DigitsDataset("train", data["image_size"])
+    elif latents_path is not None:
+        dataset = LatentsDataset(latents_path)
+    else:
+        print("no --calib-latents: calibrating on N(0, 1) stand-ins for the latents; pass the extract_latents.py "
+              "folder the model was trained on for a calibration from its own data")
+        shape = (num_samples, config["in_channels"], config["input_size"], config["input_size"])
+        labels = torch.randint(0, config["num_classes"], (num_samples,), generator=generator)
+        return torch.randn(shape, generator=generator), labels
+    indices = torch.randperm(len(dataset), generator=generator)[torch.arange(num_samples) % len(dataset)]
+    x0, labels = zip(*(dataset[int(i)] for i in indices))
+    return torch.stack(x0).float(), torch.stack(labels)
+
+
+def calibration_set(config, data, num_samples, ddim_steps, latents_path=None, seed=NOISE_SEED):
+    """Inputs as the exported graph meets them in sampling: training data forward-noised, x_t = q_sample(x_0, t)
+    (DDPM Eq. 4), t cycling over the timesteps the model's sampler visits, labels from the data; w spread over the
+    guidance range of a guidance-distilled model. Returns {"x": float32 (N, C, H, W), "t": float32 (N,), "y": int32
+    (N,)[, "w": float32 (N,)]}."""
+    generator = torch.Generator().manual_seed(seed)
+    x0, labels = training_data(config, data, num_samples, latents_path, generator)
+    timesteps = torch.tensor(sampler_timesteps(data["sampling"], ddim_steps))
+    t = timesteps[torch.randperm(num_samples, generator=generator) % len(timesteps)]
+    noise = torch.randn(x0.shape, generator=generator)
+    x = create_diffusion("").q_sample(x0, t, noise)
+    calibration = {"x": x.float().numpy(), "t": t.float().numpy(), "y": labels.int().numpy()}
+    if config.get("guidance_embed"):
+        low, high = data["sampling"]["guidance_range"]
+        calibration["w"] = (low + (high - low) * torch.rand(num_samples, generator=generator)).numpy()
+    return calibration
 
 
 #################################################################################
@@ -371,11 +520,12 @@ def verify(files, inputs, reference, repeats, threads=None):
     for (path, metadata), output, latency in zip(files, outputs, latencies):
         max_abs, relative = compare(output, reference)
         precision = metadata["precision"]
-        tolerance = FP32_TOLERANCE if precision == "fp32" else INT8_TOLERANCE
+        tolerance = TOLERANCES[precision]
         if not relative <= tolerance:  # also catches NaN
             raise RuntimeError(f"{path} differs from the eager fp32 model by a relative error of {relative:.3g} "
                                f"(allowed {tolerance}); the export is broken"
-                               + ("" if precision == "fp32" else ", or this model does not survive int8: use fp32"))
+                               + ("" if precision == "fp32" else f", or this model does not survive {precision}: "
+                                                                 f"use fp32"))
         print(f"{path} ({file_size(path) / 1e6:.2f} MB) loads and runs in a fresh process without the project's "
               f"code; relative error against the eager fp32 model {relative:.2e}")
         results.append({"path": path, "format": metadata["format"], "precision": precision,
@@ -411,11 +561,38 @@ def results_table(results):
 #################################################################################
 
 def output_paths(args):
-    """(fp32 file, int8 file, calibration .npz) from --out or the checkpoint's name."""
+    """{"fp32", "int8", "int8-cpu", "fp16", "calib": path} from --out or the checkpoint's name."""
     extension = EXTENSIONS[args.format]
     out = args.out or os.path.splitext(args.ckpt)[0] + extension
     stem = out[: -len(extension)]
-    return out, stem + "_int8" + extension, stem + "_calib.npz"
+    return {"fp32": out, "int8": stem + "_int8" + extension, "int8-cpu": stem + "_int8_cpu" + extension,
+            "fp16": stem + "_fp16" + extension, "calib": stem + "_calib.npz"}
+
+
+def write_variants(args, model, fp32, data, example):
+    """Write the fp32 file (of the Denoiser fp32) and the int8 / fp16 files the flags ask for; returns
+    [(path, metadata)], fp32 first."""
+    paths = output_paths(args)
+    files = [(paths["fp32"], export_metadata(model, data, args, "fp32"))]
+    WRITERS[args.format](fp32, example, *files[0], args.dynamic_batch)
+    if args.int8 and args.format != "onnx":
+        files.append((paths["int8"], export_metadata(model, data, args, "int8")))
+        int8 = Denoiser(quantize_int8(model), args.cfg_scale).eval()
+        WRITERS[args.format](int8, example, *files[-1], args.dynamic_batch)
+    elif args.int8:
+        calibration = calibration_set(model.config, data, args.calib_samples, args.calib_steps or CALIB_DDIM_STEPS,
+                                      args.calib_latents)
+        np.savez(paths["calib"], **calibration)
+        print(f"wrote {paths['calib']}: {args.calib_samples} training inputs forward-noised at the timesteps "
+              f"{sorted(set(calibration['t'].astype(int).tolist()), reverse=True)[:8]}... of the model's sampler")
+        files.append((paths["int8"], export_metadata(model, data, args, "int8")))
+        quantize_onnx_qdq(paths["fp32"], *files[-1], calibration)
+        files.append((paths["int8-cpu"], export_metadata(model, data, args, "int8-cpu")))
+        quantize_onnx_cpu(paths["fp32"], *files[-1])
+    if args.fp16:
+        files.append((paths["fp16"], export_metadata(model, data, args, "fp16")))
+        write_onnx_fp16(paths["fp32"], *files[-1])
+    return files
 
 
 @torch.no_grad()
@@ -429,11 +606,12 @@ def main(args):
     if args.cfg_scale is not None and model.w_embedder is not None:
         raise ValueError(f"{args.ckpt} is guidance-distilled: the guidance scale is an input of the exported file "
                          f"(w, in {data['sampling']['guidance_range']}); drop --cfg-scale")
-    fp32 = Denoiser(model, args.cfg_scale).eval()
+    if args.calib_steps is not None and data["sampling"]["sampler"] is not None:
+        raise ValueError(f"{args.ckpt} samples with its own {data['sampling']['sampler']} sampler, whose timesteps "
+                         f"calibrate it; drop --calib-steps")
     guidance_range = data["sampling"]["guidance_range"] if model.w_embedder is not None else None
     keys = "xtyw" if guidance_range else "xty"
-    fp32_path, int8_path, calib_path = output_paths(args)
-    os.makedirs(os.path.dirname(os.path.abspath(fp32_path)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(output_paths(args)["fp32"])), exist_ok=True)
 
     if args.dynamic_batch:  # traced at batch 2 (torch.export would fix a batch of 1), checked at other sizes
         example_batch, batch_sizes = 2, VERIFY_BATCH_SIZES
@@ -442,28 +620,16 @@ def main(args):
     example = verification_inputs(config, (example_batch,), seed=1, guidance_range=guidance_range)
     example = tuple(torch.from_numpy(example[f"{k}_{example_batch}"]) for k in keys)
     inputs = verification_inputs(config, batch_sizes, guidance_range=guidance_range)
+    fp32 = Denoiser(model, args.cfg_scale).eval()
     reference = {b: fp32(*(torch.from_numpy(inputs[f"{k}_{b}"]) for k in keys)).numpy() for b in batch_sizes}
 
-    files = [(fp32_path, export_metadata(model, data, args, "fp32"))]
-    WRITERS[args.format](fp32, example, *files[0], args.dynamic_batch)
-    if args.int8:
-        files.append((int8_path, export_metadata(model, data, args, "int8")))
-        if args.format == "onnx":
-            quantize_onnx(fp32_path, *files[1])
-        else:
-            int8 = Denoiser(quantize_int8(model), args.cfg_scale).eval()
-            WRITERS[args.format](int8, example, *files[1], args.dynamic_batch)
+    files = write_variants(args, model, fp32, data, example)
     for path, metadata in files:
         with open(path + ".json", "w") as f:
             json.dump(metadata, f, indent=2)
     results = verify(files, inputs, reference, args.repeats, args.threads)
     for result in results:
         result["model"] = os.path.basename(args.ckpt)
-    if args.int8 and args.format == "onnx":
-        calibration = calibration_set(fp32, config, args.calib_samples, args.calib_steps, files[0][1])
-        np.savez(calib_path, **calibration)
-        print(f"wrote {calib_path}: {len(calibration['t'])} (x, t, y) inputs along {args.calib_samples} DDIM "
-              f"trajectories of {args.calib_steps} steps, for TensorRT's int8 calibration")
     threads = f"{args.threads} thread(s)" if args.threads else "default threads"
     print(f"\nCPU latency: median of {args.repeats} runs per batch size, files interleaved in one fresh process, "
           f"{threads}")
@@ -485,8 +651,11 @@ def parse_args(argv=None):
     output = parser.add_argument_group("export")
     output.add_argument("--format", choices=list(EXTENSIONS), default="onnx",
                         help="torchscript (.ts), onnx (.onnx) or exported (torch.export, .pt2); default onnx")
-    output.add_argument("--int8", action="store_true", help="also write OUT_int8 with int8 Linear layers for the CPU "
-                        "(torchscript, onnx; ONNX also writes OUT_calib.npz for TensorRT); not with --format exported")
+    output.add_argument("--int8", action="store_true", help="also write OUT_int8 with int8 Linear layers (torchscript: "
+                        "dynamic int8 for the CPU; onnx: explicit Q/DQ INT8 for TensorRT, OUT_int8_cpu.onnx with "
+                        "onnxruntime's dynamic int8 for CPUs, and OUT_calib.npz); not with --format exported")
+    output.add_argument("--fp16", action="store_true", help="also write OUT_fp16.onnx, fp16 in the graph (the timestep "
+                        "embedding and LayerNorms in fp32) for TensorRT's strongly typed builds; --format onnx only")
     output.add_argument("--out", default=None,
                         help="output file, ending in the format's extension (default: the checkpoint's path with it)")
     batch = output.add_mutually_exclusive_group()
@@ -496,11 +665,13 @@ def parse_args(argv=None):
     output.add_argument("--cfg-scale", type=non_negative_float, default=None,
                         help="fold classifier-free guidance with this scale "
                         "into the graph (it runs the conditional and the null-label batch); default: not folded")
-    calibration = parser.add_argument_group("TensorRT int8 calibration set (--format onnx --int8)")
-    calibration.add_argument("--calib-samples", type=positive_int, default=None,
-                             help="DDIM trajectories in OUT_calib.npz, labels spread over the classes (default 20)")
-    calibration.add_argument("--calib-steps", type=positive_int, default=None,
-                             help="DDIM steps per trajectory, each step one (x, t, y) row (default 25)")
+    calibration = parser.add_argument_group("INT8 calibration set, OUT_calib.npz (--format onnx --int8)")
+    calibration.add_argument("--calib-samples", type=positive_int, default=None, help=f"training inputs forward-noised at the "
+                             f"timesteps the model's sampler visits (default {CALIB_SAMPLES})")
+    calibration.add_argument("--calib-steps", type=positive_int, default=None, help=f"DDIM steps whose timesteps calibrate a "
+                             f"plain model (default {CALIB_DDIM_STEPS}); a step-distilled one uses its own sampler's")
+    calibration.add_argument("--calib-latents", default=None, help="the extract_latents.py folder a latent model was "
+                             "trained on (default: N(0, 1) stand-ins); pixel models use the digits they trained on")
     check = parser.add_argument_group("check")
     check.add_argument("--repeats", type=positive_int, default=5,
                        help="timed CPU runs per batch size in the fresh process; the median is reported")
@@ -512,6 +683,9 @@ def parse_args(argv=None):
         parser.error(f"--ckpt {args.ckpt} does not exist; pass a training checkpoint or a raw DiT state_dict")
     if args.int8 and args.format == "exported":
         parser.error(INT8_EXPORTED_UNSUPPORTED)
+    if args.fp16 and args.format != "onnx":
+        parser.error(f"--fp16 writes fp16 into an ONNX graph (for TensorRT's strongly typed builds); it is not "
+                     f"available with --format {args.format}: use --format onnx")
     if args.out is not None and not args.out.endswith(EXTENSIONS[args.format]):
         parser.error(f"--out {args.out} must end in {EXTENSIONS[args.format]} for --format {args.format}")
     if args.out is not None:
@@ -519,16 +693,17 @@ def parse_args(argv=None):
     if args.batch_size < 1 or args.repeats < 1 or args.threads is not None and args.threads < 1:
         parser.error("--batch-size, --repeats and --threads must be at least 1")
     calibrating = args.int8 and args.format == "onnx"
-    if not calibrating and (args.calib_samples, args.calib_steps) != (None, None):
-        parser.error("--calib-samples and --calib-steps shape the calibration set of --format onnx --int8 only")
-    args.calib_samples = 20 if args.calib_samples is None else args.calib_samples
-    args.calib_steps = 25 if args.calib_steps is None else args.calib_steps
-    if args.calib_samples < 1 or args.calib_steps < 1:
-        parser.error("--calib-samples and --calib-steps must be at least 1")
-    try:
-        space_timesteps(DIFFUSION_STEPS, f"ddim{args.calib_steps}")
-    except ValueError as error:
-        parser.error(f"--calib-steps {args.calib_steps}: {error}; try 10, 25 or 50")
+    if not calibrating and (args.calib_samples, args.calib_steps, args.calib_latents) != (None, None, None):
+        parser.error("--calib-samples, --calib-steps and --calib-latents shape the calibration set of --format onnx "
+                     "--int8 only")
+    args.calib_samples = CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
+    if args.calib_steps is not None:
+        try:
+            space_timesteps(DIFFUSION_STEPS, f"ddim{args.calib_steps}")
+        except ValueError as error:
+            parser.error(f"--calib-steps {args.calib_steps}: {error}; try 10, 25 or 50")
+    if args.calib_latents is not None and not os.path.isdir(args.calib_latents):
+        parser.error(f"--calib-latents {args.calib_latents} is not a folder; pass the one extract_latents.py wrote")
     return args
 
 

@@ -7,11 +7,11 @@
 student into the shipped few-step model (train.py --step-distillation, 4 steps, OUT/fewstep), 5. samples all four with
 the same classes and initial noise (teacher.npz, student.npz, scratch.npz, fewstep.npz), 6. scores them (evaluate.py),
 7. scores the teacher and the distilled student under DDIM, DPM-Solver++ 2M and UniPC at 5 / 10 / 20 steps against
-DDIM 50 (samplers.py), 8. exports the distilled and the few-step student (export.py, fp32 and int8) and scores samples
-made through every exported file (run_exported.py), 9. writes report.md, a side-by-side grid and the loss curves into
---out. The diffusion models sample with --sampler (DPM-Solver++ 2M, 20 steps: DDIM 50's quality in 2.5x fewer
-forwards, the sampler table). Every step is reused when its output already exists, so rerunning after a stop
-continues where it stopped.
+DDIM 50 (samplers.py), 8. exports the distilled and the few-step student (export.py: fp32 and int8; the few-step
+student's ONNX also fp16 and CPU int8) and scores samples made through every exported file (run_exported.py),
+9. writes report.md, a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler
+(DPM-Solver++ 2M, 20 steps: DDIM 50's quality in 2.5x fewer forwards, the sampler table). Every step is reused when
+its output already exists, so rerunning after a stop continues where it stopped.
 """
 import argparse
 import json
@@ -145,18 +145,23 @@ def score_all(args):
 
 
 def export_students(args, checkpoints):
-    """The distilled and the few-step student: TorchScript (libtorch, a Jetson's CPU) and ONNX (TensorRT), each
-    fp32 + int8, verified by export.py."""
+    """The distilled and the few-step student, verified by export.py: TorchScript fp32 + int8 (libtorch, a Jetson's
+    CPU) and ONNX fp32 + Q/DQ int8 (TensorRT); the shipped few-step student also as ONNX fp16 (TensorRT) and as
+    onnxruntime's CPU-only dynamic int8. Returns {name: path} of the files to score."""
     exported = {}
     for name in ("student", "fewstep"):
         guidance = ["--cfg-scale", args.cfg_scale] if args.cfg_scale != 1 and name == "student" else []
         for form, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
             out = os.path.join(args.out, "export", name + extension)
-            int8 = out[: -len(extension)] + "_int8" + extension
-            if not (os.path.exists(out) and os.path.exists(int8)):
-                run("export.py", "--ckpt", checkpoints[name], "--format", form, "--int8", "--dynamic-batch",
+            stem = out[: -len(extension)]
+            files = {f"{name} {form}": out, f"{name} {form} int8": stem + "_int8" + extension}
+            fp16 = ["--fp16"] if form == "onnx" and name == "fewstep" else []
+            if fp16:  # the CPU int8 file is written with every ONNX --int8; scored for the shipped model only
+                files |= {f"{name} onnx int8-cpu": stem + "_int8_cpu.onnx", f"{name} onnx fp16": stem + "_fp16.onnx"}
+            if not all(os.path.exists(path) for path in files.values()):
+                run("export.py", "--ckpt", checkpoints[name], "--format", form, "--int8", *fp16, "--dynamic-batch",
                     *guidance, "--out", out)
-            exported[f"{name} {form}"], exported[f"{name} {form} int8"] = out, int8
+            exported |= files
     return exported
 
 
@@ -173,6 +178,7 @@ def score_exports(args, exported):
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
                                          cache_dir=os.path.join(args.out, "digits_scorer"))
         scores[name]["megabytes"] = os.path.getsize(path) / 2**20
+        scores[name]["precision"] = json.load(open(path + ".json"))["precision"]
     return scores
 
 
@@ -249,11 +255,13 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               sampler_markdown, "",
               f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "
               f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
-              "and numpy noise for every file, so int8 is compared with fp32 on equal terms; its noise differs from "
-              "sample.py's, so compare within this table):",
-              "", "| file | MB | class accuracy | Frechet distance |", "|---|---:|---:|---:|"]
+              "and numpy noise for every file, so int8 and fp16 are compared with fp32 on equal terms; its noise "
+              "differs from sample.py's, so compare within this table). int8 in ONNX is explicit Q/DQ for TensorRT, "
+              "int8-cpu onnxruntime's dynamic int8 for CPUs, fp16 written into the ONNX for TensorRT:",
+              "", "| file | precision | MB | class accuracy | Frechet distance |", "|---|---|---:|---:|---:|"]
     for name, path in exported.items():
-        lines.append(f"| {os.path.relpath(path, args.out)} | {export_scores[name]['megabytes']:.2f} | "
+        lines.append(f"| {os.path.relpath(path, args.out)} | {export_scores[name]['precision']} | "
+                     f"{export_scores[name]['megabytes']:.2f} | "
                      f"{export_scores[name]['accuracy']:.3f} | {export_scores[name]['frechet']:.2f} |")
     path = os.path.join(args.out, "report.md")
     with open(path, "w") as f:

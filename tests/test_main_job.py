@@ -45,9 +45,11 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     assert fewstep_row.split(" | ")[3] == "4"  # forwards per image: its 4 steps
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["scores"]) == {"teacher", "student", "scratch", "fewstep", "real"}
-    # Samples made through every exported file, fp32 and int8, scored side by side.
+    # Samples made through every exported file, fp32, int8 and fp16, scored side by side.
     assert set(scores["exports"]) == {f"{model} {form}" for model in ("student", "fewstep")
-                                      for form in ("torchscript", "torchscript int8", "onnx", "onnx int8")}
+                                      for form in ("torchscript", "torchscript int8", "onnx", "onnx int8")} | {
+        "fewstep onnx int8-cpu", "fewstep onnx fp16"}
+    assert "| export/fewstep_fp16.onnx | fp16 |" in report and "| export/fewstep_int8.onnx | int8 |" in report
     for model in ("student", "fewstep"):
         for name in (".ts", "_int8.ts", ".onnx", "_int8.onnx"):
             assert f"| export/{model}{name} |" in report
