@@ -215,7 +215,7 @@ def test_calibration_of_a_latent_model_draws_its_latents(tmp_path):
     latents = torch.full((3, 4, 2, 2), 0.5) * torch.arange(1, 4).view(3, 1, 1, 1)  # x_0 = 0.5, 1.0, 1.5 per image
     torch.save({"latents": latents, "labels": torch.tensor([7, 8, 9])}, latents_shard_path(tmp_path, 0))
     (tmp_path / "meta.json").write_text(json.dumps({"class_names": list("abcdefghij"), "num_shards": 1,
-                                                    "num_images": 3}))
+                                                    "num_images": 3, "image_size": 16}))
     data = {"latent": True, "image_size": 16, "sampling": run_exported.EPS_SAMPLING}
     config = dict(DIGITS, in_channels=4, input_size=2)
     calibration = export.calibration_set(config, data, 6, 10, latents_path=str(tmp_path))
