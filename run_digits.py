@@ -182,6 +182,26 @@ def score_exports(args, exported):
     return scores
 
 
+def time_exports(args, exported, repeats=20):
+    """CPU latency of every exported file relative to the fp32 file of its model and format, at batch 1 and 8: the
+    files of one format timed interleaved in one fresh process (export.run_in_fresh_process, 1 thread)."""
+    from export import run_in_fresh_process, verification_inputs
+    from run_exported import load_denoiser
+    groups = {}
+    for name, path in exported.items():  # "fewstep onnx int8" -> format "onnx"; inputs fit every file of a group
+        metadata = load_denoiser(path)[1]
+        key = (name.split()[1], json.dumps([metadata["model_config"], metadata["sampling"]["guidance_range"]]))
+        groups.setdefault(key, []).append(name)
+    latency = {}
+    for (_, described), names in groups.items():
+        config, guidance_range = json.loads(described)
+        inputs = verification_inputs(config, (1, 8), guidance_range=guidance_range)
+        measured = run_in_fresh_process([exported[n] for n in names], inputs, repeats=repeats, threads=1)[1]
+        latency |= dict(zip(names, measured))
+    return {name: {batch: latency[name][batch] / latency[" ".join(name.split()[:2])][batch] for batch in (1, 8)}
+            for name in exported}
+
+
 def save_comparison_grid(args):
     """Teacher / distilled student / scratch student / few-step student, one row each, for the same classes and
     initial noise."""
@@ -257,12 +277,16 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
               "and numpy noise for every file, so int8 and fp16 are compared with fp32 on equal terms; its noise "
               "differs from sample.py's, so compare within this table). int8 in ONNX is explicit Q/DQ for TensorRT, "
-              "int8-cpu onnxruntime's dynamic int8 for CPUs, fp16 written into the ONNX for TensorRT:",
-              "", "| file | precision | MB | class accuracy | Frechet distance |", "|---|---|---:|---:|---:|"]
+              "int8-cpu onnxruntime's dynamic int8 for CPUs, fp16 written into the ONNX for TensorRT. CPU latency "
+              "relative to the fp32 file of the same model and format, the files timed interleaved in one process "
+              "(1 thread; TensorRT on a GPU is another matter):",
+              "", "| file | precision | MB | CPU latency / fp32, batch 1 | batch 8 | class accuracy | Frechet distance |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for name, path in exported.items():
-        lines.append(f"| {os.path.relpath(path, args.out)} | {export_scores[name]['precision']} | "
-                     f"{export_scores[name]['megabytes']:.2f} | "
-                     f"{export_scores[name]['accuracy']:.3f} | {export_scores[name]['frechet']:.2f} |")
+        score = export_scores[name]
+        lines.append(f"| {os.path.relpath(path, args.out)} | {score['precision']} | {score['megabytes']:.2f} | "
+                     f"{score['latency_vs_fp32'][1]:.2f} | {score['latency_vs_fp32'][8]:.2f} | "
+                     f"{score['accuracy']:.3f} | {score['frechet']:.2f} |")
     path = os.path.join(args.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -307,6 +331,8 @@ def main(args):
     exported = export_students(args, checkpoints)
     sampler_markdown = compare_samplers(args, checkpoints)
     export_scores = score_exports(args, exported)
+    for name, ratios in time_exports(args, exported).items():
+        export_scores[name]["latency_vs_fp32"] = ratios
     save_comparison_grid(args)
     save_loss_curves(args)
     report = write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown)

@@ -50,6 +50,9 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
                                       for form in ("torchscript", "torchscript int8", "onnx", "onnx int8")} | {
         "fewstep onnx int8-cpu", "fewstep onnx fp16"}
     assert "| export/fewstep_fp16.onnx | fp16 |" in report and "| export/fewstep_int8.onnx | int8 |" in report
+    fp32_row = next(line for line in report.splitlines() if line.startswith("| export/fewstep.onnx |"))
+    assert fp32_row.split(" | ")[3:5] == ["1.00", "1.00"]  # CPU latency relative to itself, batch 1 and 8
+    assert set(scores["exports"]["fewstep onnx int8"]["latency_vs_fp32"]) == {"1", "8"}
     for model in ("student", "fewstep"):
         for name in (".ts", "_int8.ts", ".onnx", "_int8.onnx"):
             assert f"| export/{model}{name} |" in report
