@@ -52,7 +52,7 @@ def train_students(args):
         final_checkpoint(runs["guidance"], args.guidance_steps), progressive_steps
 
 
-def evaluate_rows(args, rows, cache_dir=None):
+def evaluate_rows(args, rows, cache_dir=None, timing_rounds=3):
     """rows: {name: (model, data, settings for generate)} -> {name: scores, forwards, seconds per image}.
     args: num_samples, seed, timing_samples, out (the scorer's cache is out/scorer unless cache_dir)."""
     from evaluate import digits_scores
@@ -66,7 +66,7 @@ def evaluate_rows(args, rows, cache_dir=None):
         results[name]["forwards"] = settings["num_sampling_steps"] * forwards_per_step(model, settings["cfg_scale"])
         print(f"{name}: accuracy {results[name]['accuracy']:.3f}, Frechet {results[name]['frechet']:.2f}", flush=True)
     timings = {name: [] for name in rows}
-    for _ in range(3):  # rounds that time every row in turn on the same batch; the median is kept
+    for _ in range(timing_rounds):  # rounds that time every row in turn on the same batch; the median is kept
         for name, (model, data, settings) in rows.items():
             start = time.perf_counter()
             generate(model, data, labels[:args.timing_samples], seed=args.seed, batch_size=args.timing_samples,

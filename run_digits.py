@@ -270,7 +270,7 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               "Rows: teacher, distilled student, scratch student, few-step student; columns: classes 0-9.", "",
               "![loss curves](loss_curves.png)", "",
               f"Samplers (samplers.py; {args.num_samples} samples per row, the same labels and noise, unguided; time "
-              f"per image relative to the teacher's DDIM 50). The diffusion models above sample with {args.sampler} "
+              f"per image relative to the teacher's DDIM 50, one timing round). The diffusion models above sample with {args.sampler} "
               f"{args.steps}, the default chosen from this table: the fewest forwards that keep DDIM 50's scores.", "",
               sampler_markdown, "",
               f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "

@@ -5,8 +5,8 @@ for each checkpoint given, with DDIM 50 as the reference.
         --ckpt results/digits/student/checkpoints/0001800.pt --out results/samplers
 
 Every row samples the same labels (classes 0-9 in turn) from the same initial noise (--seed), unguided, and is
-scored by evaluate.py's digits scorer; sampling time is per image relative to the first checkpoint's DDIM 50, median
-of 3 interleaved rounds. Writes samplers.md and samplers.json into --out; run_digits.py puts the table in its report.
+scored by evaluate.py's digits scorer; sampling time is per image relative to the first checkpoint's DDIM 50, one
+round that times the rows in turn (forwards are the cost: a solver step is one forward, as DDIM's). Writes samplers.md and samplers.json into --out; run_digits.py puts the table in its report.
 """
 import argparse
 import json
@@ -48,7 +48,7 @@ def table(results, models):
 
 def sampler_table(args, models, cache_dir=None):
     """Score every row; write samplers.md / samplers.json into args.out; returns (markdown table, results)."""
-    results = evaluate_rows(args, sampler_rows(models), cache_dir)
+    results = evaluate_rows(args, sampler_rows(models), cache_dir, timing_rounds=1)
     text = table(results, models)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "samplers.md"), "w") as f:
