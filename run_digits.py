@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from checks import UserError, non_negative_float, non_negative_int, positive_int, run_script
+from checks import UserError, non_negative_float, non_negative_int, positive_int, run_script, write_atomically
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER, STUDENT = "DiT-Digits-T", "DiT-Digits-S"
@@ -167,13 +167,22 @@ def export_students(args, checkpoints):
 
 def score_exports(args, exported):
     """Sample every exported file with the standalone runner (the same labels and noise for all) and score it."""
+    import run_exported
     from evaluate import digits_scores
     scores = {}
+    labels = np.arange(args.num_samples) % 10  # run_exported.py --num-samples: the classes in turn
     for name, path in exported.items():
         npz = path + ".samples.npz"
         if not os.path.exists(npz):  # the few-step files sample with their own sampler and steps
-            steps = [] if name.startswith("fewstep") else ["--sampler", args.sampler, "--num-steps", args.steps]
-            run("run_exported.py", path, *steps, "--seed", args.seed, "--out", npz, "--num-samples", args.num_samples)
+            # run_exported.py's sampler, called here rather than as a new process per file (each would import
+            # diffusers for the solver again); export.py has already run every file in a process of its own
+            denoise, metadata = run_exported.load_denoiser(path, "cpu")
+            few_step = name.startswith("fewstep")
+            samples = run_exported.sample(denoise, metadata, labels, None if few_step else args.steps, args.seed,
+                                          sampler=None if few_step else args.sampler)
+            images = run_exported.to_uint8_nhwc(samples)
+            write_atomically(npz, lambda temporary: np.savez(temporary, arr_0=images, arr_1=labels))
+            print(f"sampled {len(labels)} images with {os.path.relpath(path, args.out)} -> {npz}", flush=True)
         with np.load(npz) as samples:
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
                                          cache_dir=os.path.join(args.out, "digits_scorer"))

@@ -170,8 +170,8 @@ def test_cli_round_trip(tmp_path):
     assert_same_state_dict(back["ema"], model.state_dict())  # "ema" was preferred over "model"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".convert-")]  # no temporary left behind
 
-    result = run_script("--to-diffusers", "--ckpt", str(tmp_path / "train.pt"), "--out", str(folder))
-    assert result.returncode != 0 and "already exists" in result.stderr
+    with pytest.raises(UserError, match="already exists"):  # the CLI above; this one in-process
+        convert("--to-diffusers", "--ckpt", tmp_path / "train.pt", "--out", folder)
 
 
 def test_cli_flags_of_the_other_direction_are_errors(capsys):
@@ -235,8 +235,7 @@ def test_pixel_checkpoint_round_trip_keeps_its_entries_and_samples_offline(tmp_p
     ckpt = pixel_checkpoint(tmp_path / "digits.pt", CONSISTENCY)
     convert("--to-diffusers", "--ckpt", ckpt, "--out", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["_class_name"] == "XEpsDiTTransformer2DModel"
-    result = run_script("--from-diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt"))
-    assert result.returncode == 0, result.stderr
+    convert("--from-diffusers", tmp_path / "hf", "--out", tmp_path / "back.pt")
     model, data = load_dit_checkpoint(ckpt)
     back, back_data = load_dit_checkpoint(str(tmp_path / "back.pt"))
     assert back_data == data and back.config == model.config and not back_data["latent"]
@@ -298,8 +297,7 @@ def test_latent_pipeline_with_its_vae(tmp_path):
 def test_not_a_dit_folder_is_a_clear_error(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    result = run_script("--from-diffusers", str(tmp_path / "unet"), "--out", str(tmp_path / "x.pt"))
-    assert result.returncode == 1 and "error: " in result.stderr and "not a DiT transformer" in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(UserError, match="holds a UNet2DModel, not a DiT transformer"):
+        convert("--from-diffusers", tmp_path / "unet", "--out", tmp_path / "x.pt")
     with pytest.raises(SystemExit):
         parse_args(["--to-diffusers", "--ckpt", "x.pt", "--out", "o", "--vae", "ema"])
