@@ -40,7 +40,7 @@ def test_tiny_vae_downsamples_like_the_stable_diffusion_vae():
 def test_cpu_peak_memory_sees_a_temporary_allocation():
     size = 64 * 2 ** 20
     growth = bench.peak_memory_growth(lambda: torch.ones(size // 4).sum(), torch.device("cpu"))  # freed on return
-    assert size <= growth < size + 16 * 2 ** 20
+    assert size <= growth < size + 48 * 2 ** 20  # the temporary, plus slack for what else the process touches
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path):
