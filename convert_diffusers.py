@@ -330,8 +330,9 @@ def parse_args(argv=None):
     to_diffusers.add_argument("--num-classes", type=positive_int,
                               help="number of classes of a raw state_dict --ckpt (default 1000)")
     to_diffusers.add_argument("--pipeline", action="store_true",
-                              help="write a complete DiTPipeline folder (transformer, VAE, scheduler, model_index.json): "
-                                   "the scheduler is the student's own few-step sampler, else DPM-Solver++ 2M")
+                              help="write a complete DiTPipeline folder (transformer, VAE, scheduler, "
+                                   "model_index.json): the scheduler is the student's own few-step sampler, else "
+                                   "DPM-Solver++ 2M")
     to_diffusers.add_argument("--vae", help="--pipeline of a latent model: its VAE (a local AutoencoderKL folder, a "
                                             "cached hub id, or ema / mse; default: the one its checkpoint names)")
     from_diffusers = parser.add_argument_group("--from-diffusers options")

@@ -666,10 +666,12 @@ def parse_args(argv=None):
                         help="fold classifier-free guidance with this scale "
                         "into the graph (it runs the conditional and the null-label batch); default: not folded")
     calibration = parser.add_argument_group("INT8 calibration set, OUT_calib.npz (--format onnx --int8)")
-    calibration.add_argument("--calib-samples", type=positive_int, default=None, help=f"training inputs forward-noised at the "
-                             f"timesteps the model's sampler visits (default {CALIB_SAMPLES})")
-    calibration.add_argument("--calib-steps", type=positive_int, default=None, help=f"DDIM steps whose timesteps calibrate a "
-                             f"plain model (default {CALIB_DDIM_STEPS}); a step-distilled one uses its own sampler's")
+    calibration.add_argument("--calib-samples", type=positive_int, default=None,
+                             help=f"training inputs forward-noised at the timesteps the model's sampler visits "
+                                  f"(default {CALIB_SAMPLES})")
+    calibration.add_argument("--calib-steps", type=positive_int, default=None,
+                             help=f"DDIM steps whose timesteps calibrate a plain model (default {CALIB_DDIM_STEPS}); "
+                                  f"a step-distilled one uses its own sampler's")
     calibration.add_argument("--calib-latents", default=None, help="the extract_latents.py folder a latent model was "
                              "trained on (default: N(0, 1) stand-ins); pixel models use the digits they trained on")
     check = parser.add_argument_group("check")

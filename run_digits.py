@@ -187,24 +187,31 @@ def score_exports(args, exported):
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
                                          cache_dir=os.path.join(args.out, "digits_scorer"))
         scores[name]["megabytes"] = os.path.getsize(path) / 2**20
-        scores[name]["precision"] = json.load(open(path + ".json"))["precision"]
+        scores[name]["precision"] = exported_metadata(path)["precision"]
     return scores
 
 
-def time_exports(args, exported, repeats=20):
+def exported_metadata(path):
+    """The metadata export.py writes beside every file (path + ".json"), without loading the model."""
+    with open(path + ".json") as f:
+        return json.load(f)
+
+
+def time_exports(exported, repeats=20):
     """CPU latency of every exported file relative to the fp32 file of its model and format, at batch 1 and 8: the
-    files of one format timed interleaved in one fresh process (export.run_in_fresh_process, 1 thread)."""
+    files of one format (and model config) timed interleaved in one fresh process (export.run_in_fresh_process,
+    1 thread)."""
     from export import run_in_fresh_process, verification_inputs
-    from run_exported import load_denoiser
-    groups = {}
-    for name, path in exported.items():  # "fewstep onnx int8" -> format "onnx"; inputs fit every file of a group
-        metadata = load_denoiser(path)[1]
-        key = (name.split()[1], json.dumps([metadata["model_config"], metadata["sampling"]["guidance_range"]]))
-        groups.setdefault(key, []).append(name)
+    groups = {}  # "fewstep onnx int8" -> format "onnx"; one set of inputs fits every file of a group
+    for name, path in exported.items():
+        metadata = exported_metadata(path)
+        key = (name.split()[1], json.dumps(metadata["model_config"], sort_keys=True),
+               str(metadata["sampling"]["guidance_range"]))
+        groups.setdefault(key, (metadata, []))[1].append(name)
     latency = {}
-    for (_, described), names in groups.items():
-        config, guidance_range = json.loads(described)
-        inputs = verification_inputs(config, (1, 8), guidance_range=guidance_range)
+    for metadata, names in groups.values():
+        inputs = verification_inputs(metadata["model_config"], (1, 8),
+                                     guidance_range=metadata["sampling"]["guidance_range"])
         measured = run_in_fresh_process([exported[n] for n in names], inputs, repeats=repeats, threads=1)[1]
         latency |= dict(zip(names, measured))
     return {name: {batch: latency[name][batch] / latency[" ".join(name.split()[:2])][batch] for batch in (1, 8)}
@@ -256,9 +263,8 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
     lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
              f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "
              f"per model (classes 0-9 in turn, the same initial noise for every model), {args.sampler} {args.steps} "
-             f"steps "
-             f"(the few-step student: its own sampler and steps), cfg scale {args.cfg_scale} (the few-step student: "
-             f"1). Scores from evaluate.py's digits classifier (held-out real digits: "
+             f"steps (the few-step student: its own sampler and steps), cfg scale {args.cfg_scale} (the few-step "
+             f"student: 1). Scores from evaluate.py's digits classifier (held-out real digits: "
              f"accuracy {scores['real']['accuracy']:.3f}, Frechet distance floor {scores['real']['frechet']:.2f}).",
              "", "| model | parameters | GFLOPs / forward | forwards / image | sampling time vs teacher | "
                  "class accuracy | Frechet distance |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -279,8 +285,9 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               "Rows: teacher, distilled student, scratch student, few-step student; columns: classes 0-9.", "",
               "![loss curves](loss_curves.png)", "",
               f"Samplers (samplers.py; {args.num_samples} samples per row, the same labels and noise, unguided; time "
-              f"per image relative to the teacher's DDIM 50, one timing round). The diffusion models above sample with {args.sampler} "
-              f"{args.steps}, the default chosen from this table: the fewest forwards that keep DDIM 50's scores.", "",
+              f"per image relative to the teacher's DDIM 50, one timing round). The diffusion models above sample "
+              f"with {args.sampler} {args.steps}, the default chosen from this table: the fewest forwards that keep "
+              f"DDIM 50's scores.", "",
               sampler_markdown, "",
               f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "
               f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
@@ -289,7 +296,8 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               "int8-cpu onnxruntime's dynamic int8 for CPUs, fp16 written into the ONNX for TensorRT. CPU latency "
               "relative to the fp32 file of the same model and format, the files timed interleaved in one process "
               "(1 thread; TensorRT on a GPU is another matter):",
-              "", "| file | precision | MB | CPU latency / fp32, batch 1 | batch 8 | class accuracy | Frechet distance |",
+              "", "| file | precision | MB | CPU latency / fp32, batch 1 | batch 8 | class accuracy | "
+                  "Frechet distance |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for name, path in exported.items():
         score = export_scores[name]
@@ -340,7 +348,7 @@ def main(args):
     exported = export_students(args, checkpoints)
     sampler_markdown = compare_samplers(args, checkpoints)
     export_scores = score_exports(args, exported)
-    for name, ratios in time_exports(args, exported).items():
+    for name, ratios in time_exports(exported).items():
         export_scores[name]["latency_vs_fp32"] = ratios
     save_comparison_grid(args)
     save_loss_curves(args)

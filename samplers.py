@@ -6,7 +6,8 @@ for each checkpoint given, with DDIM 50 as the reference.
 
 Every row samples the same labels (classes 0-9 in turn) from the same initial noise (--seed), unguided, and is
 scored by evaluate.py's digits scorer; sampling time is per image relative to the first checkpoint's DDIM 50, one
-round that times the rows in turn (forwards are the cost: a solver step is one forward, as DDIM's). Writes samplers.md and samplers.json into --out; run_digits.py puts the table in its report.
+round that times the rows in turn (forwards are the cost: a solver step is one forward, as DDIM's). Writes
+samplers.md and samplers.json into --out; run_digits.py puts the table in its report.
 """
 import argparse
 import json
