@@ -18,14 +18,16 @@ channels stay, and the second group (the learned variance, which a deterministic
 zeroed and retrained as x~; at initialisation x_0 = alpha_t^2 x_0(eps): the teacher's own estimate at low noise.
 """
 import copy
+import os
 
 import torch
 
+from checks import UserError, non_negative_float, number_in, positive_int
 from diffusion.gaussian_diffusion import get_named_beta_schedule, mean_flat
+from method import TrainingMethod, derived_seed, diffusion_draws, freeze
 from models import DiT, load_state_dict_strict, update_ema
 
 DIFFUSION_STEPS = 1000  # DiT's training schedule (linear betas)
-METHODS = ("progressive", "consistency", "guidance")
 # LCM's boundary scalings (Luo et al. 2023, Sec. 4.2): c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2),
 # c_out = s t / sqrt((s t)^2 + sigma_data^2): exactly the identity at t = 0, the model's x_0 soon after.
 CONSISTENCY_SIGMA_DATA = 0.5
@@ -266,66 +268,138 @@ def make_student(teacher, teacher_parametrisation, parametrisation, guidance):
     return student
 
 
-class StepDistillation:
-    """What train.py's loop needs of a step-distillation method: the student, its loss, the state that changes
-    between steps (begin_step / end_step) and what a checkpoint keeps (state_dict) and says (sampling).
+#################################################################################
+#                     The methods train.py runs (--step-distillation)           #
+#################################################################################
 
-    args: train.py's arguments; teacher: the frozen DiT; teacher_sampling: its checkpoint's "sampling" entry;
+def load_step_teacher(args, data):
+    """The frozen teacher of step distillation and its sampling entry: any DiT checkpoint this project writes (config
+    read from it: a plain, size-distilled or step-distilled model) or a raw state_dict with --teacher-model."""
+    from models import load_dit_checkpoint
+    raw = dict(model_name=args.teacher_model, image_size=data["image_size"], num_classes=data["num_classes"]) \
+        if args.teacher_model else {}
+    teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt, **raw)  # a UserError names the file
+    shape = {k: teacher.config[k] for k in ("input_size", "in_channels", "num_classes")}
+    if shape != {k: data[k] for k in shape} or teacher_data["latent"] != data["latent"]:
+        raise UserError(f"the teacher {args.teacher_ckpt} denoises {shape} "
+                        f"({'latents' if teacher_data['latent'] else 'pixels'}), the training data is "
+                        f"{ {k: data[k] for k in shape} } ({'latents' if data['latent'] else 'pixels'}): train on "
+                        f"the teacher's own data")
+    return freeze(teacher, args.precision), teacher_data["sampling"]
+
+
+class StepDistillation(TrainingMethod):
+    """What the step-distillation methods share: the frozen teacher (any checkpoint of this project), a student of
+    its own architecture started from its weights (make_student), the guidance range and the step flags.
+
     clip: clamp x_0 estimates to [-1, 1] in the teacher's steps (pixel models, as their sampler does).
     """
     parametrisation = "x-eps"
+    step_method = True
+    flags = ("guidance_range",)
 
-    def __init__(self, args, teacher, teacher_sampling, clip):
-        self.args, self.teacher, self.clip = args, teacher, clip
+    def __init__(self, args, data, device):
+        super().__init__(args, data, device)
+        teacher, teacher_sampling = load_step_teacher(args, data)
+        self.frozen["teacher"] = teacher
+        torch.manual_seed(derived_seed(args.seed, "init"))  # the same new weights (a w-embedding) in every run
+        self.clip = not data["latent"]
         self.teacher_parametrisation = teacher_sampling["parametrisation"]
         self.guidance_range = args.guidance_range or teacher_sampling.get("guidance_range")
         if teacher.w_embedder is not None and not self.guidance_range:
-            raise ValueError("the teacher is guidance-distilled (it takes w): pass --guidance-range")
-        self.student = make_student(teacher, self.teacher_parametrisation, self.parametrisation,
-                                    bool(self.guidance_range)).float()
-        self.method = args.step_distillation
+            raise UserError("the teacher is guidance-distilled (it takes w): pass --guidance-range")
+        self.check_teacher(teacher_sampling)
+        self.trainable["student"] = make_student(teacher, self.teacher_parametrisation, self.parametrisation,
+                                                 bool(self.guidance_range)).float()
 
-    def guidance(self, randomness):
+    def check_teacher(self, teacher_sampling):
+        pass
+
+    @property
+    def teacher(self):
+        return self.frozen["teacher"]
+
+    @staticmethod
+    def add_args(parser):
+        steps = parser.add_argument_group(
+            "step distillation (--step-distillation): a student of the teacher's own architecture, started from its "
+            "weights, that samples in a few steps (--teacher-ckpt: any checkpoint of this project, or a raw "
+            "state_dict with --teacher-model); runs --max-steps steps")
+        steps.add_argument("--sampling-steps", type=positive_int, default=4,
+                           help="steps the student samples in: progressive distils down to it; consistency records "
+                                "it as the checkpoint's default (any count up to 1000 / --consistency-skip works)")
+        steps.add_argument("--progressive-start-steps", type=number_in(int, 2), default=64,
+                           help="DDIM steps of the teacher in the first progressive round (--sampling-steps times a "
+                                "power of two); --max-steps is split evenly over the rounds")
+        steps.add_argument("--consistency-skip", type=positive_int, default=20,
+                           help="skipping interval k: the teacher's DDIM step goes from t to t - k (LCM's 20)")
+        steps.add_argument("--consistency-target-decay", type=number_in(float, 0, 1, high_open=True), default=0.95,
+                           help="EMA decay of the consistency target network (LCM's 0.95)")
+        steps.add_argument("--guidance-range", type=non_negative_float, nargs=2, metavar=("WMIN", "WMAX"),
+                           default=None,
+                           help="guidance scales the student learns to take as input (w drawn uniformly; 1 = no "
+                                "guidance): required for guidance, optional with progressive or consistency (then "
+                                "the teacher's steps are guided, as LCM)")
+
+    @classmethod
+    def check_args(cls, parser, args):
+        if args.distillation or args.model or args.student_model or args.student_depth or \
+                args.student_init_from_teacher:
+            parser.error("--step-distillation trains a student of the teacher's own architecture: drop "
+                         "--distillation, --model and --student-* (distil the size first, then give that checkpoint "
+                         "as --teacher-ckpt)")
+        if not args.teacher_ckpt:
+            parser.error("--step-distillation needs --teacher-ckpt")
+        if not os.path.isfile(args.teacher_ckpt):
+            parser.error(f"--teacher-ckpt {args.teacher_ckpt} does not exist")
+        if args.max_steps is None:
+            parser.error("--step-distillation needs --max-steps N (N >= 1)")
+        if args.guidance_range is not None:
+            low, high = args.guidance_range
+            if low > high:
+                parser.error(f"--guidance-range {low} {high}: give WMIN <= WMAX (1 is no guidance)")
+            args.guidance_range = [low, high]
+
+    def randomness(self, generator, batch, shape):
+        """The diffusion draws, a uniform for the grid point and one for the guidance scale."""
+        draws = diffusion_draws(generator, batch, shape, self.student.config["class_dropout_prob"])
+        draws["uniform"], draws["w_uniform"] = torch.rand(2, batch, generator=generator)
+        return draws
+
+    @property
+    def student(self):
+        return self.trainable["student"]
+
+    def guidance(self, draws):
         """(w, drop): w drawn from the guidance range (then every label is kept: w = 1 is the conditional model),
         else (None, the step's label drops)."""
         if not self.guidance_range:
-            return None, randomness["drop"]
+            return None, draws["drop"]
         low, high = self.guidance_range
-        return low + (high - low) * randomness["w_uniform"], torch.zeros_like(randomness["drop"])
+        return low + (high - low) * draws["w_uniform"], torch.zeros_like(draws["drop"])
 
-    def label(self, step):
-        return self.method
-
-    def begin_step(self, step, student, ema):
-        return None
-
-    def end_step(self, student):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, checkpoint):
-        pass
-
-    def sampling(self):
-        raise NotImplementedError
+    def describe(self):
+        return f"{self.name} distillation"
 
 
 class ProgressiveDistillation(StepDistillation):
     """Rounds halve the steps from --progressive-start-steps to --sampling-steps; each round's teacher is the EMA of
     the previous round's student (round 0: the given teacher), and the student restarts from it."""
+    name = "progressive"
+    summary = "rounds halving the DDIM steps (Salimans & Ho 2022)"
+    flags = ("progressive_start_steps", "sampling_steps", "guidance_range")
+    fixed_on_resume = ("max_steps",)  # the rounds split --max-steps evenly, so it fixes where each round starts
 
-    def __init__(self, args, teacher, teacher_sampling, clip):
-        super().__init__(args, teacher, teacher_sampling, clip)
+    def __init__(self, args, data, device):
+        super().__init__(args, data, device)
         ratio = args.progressive_start_steps // args.sampling_steps
         if args.progressive_start_steps % args.sampling_steps or ratio < 2 or ratio & (ratio - 1):
-            raise ValueError(f"--progressive-start-steps {args.progressive_start_steps} must be --sampling-steps "
-                             f"{args.sampling_steps} times a power of two >= 2, so that rounds can halve it to "
-                             f"{args.sampling_steps} (e.g. 64 -> 32 -> 16 -> 8 -> 4)")
+            raise UserError(f"--progressive-start-steps {args.progressive_start_steps} must be --sampling-steps "
+                            f"{args.sampling_steps} times a power of two >= 2, so that rounds can halve it to "
+                            f"{args.sampling_steps} (e.g. 64 -> 32 -> 16 -> 8 -> 4)")
         self.num_rounds = ratio.bit_length() - 1
         if args.max_steps < self.num_rounds:
-            raise ValueError(f"--max-steps {args.max_steps} is fewer than the {self.num_rounds} rounds")
+            raise UserError(f"--max-steps {args.max_steps} is fewer than the {self.num_rounds} rounds")
         self.round_length = args.max_steps // self.num_rounds  # the last round also takes the remainder
         self.round = 0
 
@@ -339,32 +413,35 @@ class ProgressiveDistillation(StepDistillation):
         r = self.round_at(step)
         return f"round {r + 1}/{self.num_rounds}: {self.teacher_steps(r)}->{self.teacher_steps(r) // 2} steps"
 
-    def begin_step(self, step, student, ema):
+    def begin_step(self, step, ema):
         r = self.round_at(step)
         if r == self.round:
-            return None
-        # Round r starts: the last round's student (its EMA) becomes the teacher, and the student starts from it.
-        unwrap(self.teacher).load_state_dict(ema.state_dict())
-        student.load_state_dict(ema.state_dict())
+            return None, ()
+        # Round r starts: the last round's student (its EMA) becomes the teacher and the student starts from it, with
+        # a fresh AdamW: the round regresses onto a new target from a new starting point, so the moments of the last
+        # round's gradients (and Adam's bias correction at its step count) describe another problem. Salimans & Ho
+        # train each round as a run of its own (the learning rate restarts too).
+        self.teacher.load_state_dict(ema.state_dict())
+        self.student.load_state_dict(ema.state_dict())
         self.teacher_parametrisation, self.round = self.parametrisation, r
-        return f"step {step}: {self.label(step)} (the teacher is now the previous round's EMA student)"
+        return f"step {step}: {self.label(step)} (the teacher is now the previous round's EMA student)", ("student",)
 
-    def losses(self, model, x0, y, randomness, autocast):
-        w, drop = self.guidance(randomness)
+    def loss(self, update, nets, x0, y, draws, autocast):
+        w, drop = self.guidance(draws)
         student_steps = self.teacher_steps(self.round) // 2
-        index = (randomness["uniform"] * student_steps).long().clamp(max=student_steps - 1)
+        index = (draws["uniform"] * student_steps).long().clamp(max=student_steps - 1)
         with autocast:
-            loss = progressive_loss(model, self.teacher, self.teacher_parametrisation, x0, y, randomness["noise"],
-                                    index, self.teacher_steps(self.round), w, drop, self.clip)
+            loss = progressive_loss(nets["student"], nets["teacher"], self.teacher_parametrisation, x0, y,
+                                    draws["noise"], index, self.teacher_steps(self.round), w, drop, self.clip)
         return loss, {"progressive": loss}
 
     def state_dict(self):
-        return {"round": self.round, "round_teacher": unwrap(self.teacher).state_dict(),
+        return {"round": self.round, "round_teacher": self.teacher.state_dict(),
                 "round_teacher_parametrisation": self.teacher_parametrisation}
 
     def load_state_dict(self, checkpoint):
         self.round = checkpoint["round"]
-        unwrap(self.teacher).load_state_dict(checkpoint["round_teacher"])
+        self.teacher.load_state_dict(checkpoint["round_teacher"])
         self.teacher_parametrisation = checkpoint["round_teacher_parametrisation"]
 
     def sampling(self):
@@ -377,34 +454,36 @@ class ProgressiveDistillation(StepDistillation):
 class ConsistencyDistillation(StepDistillation):
     """The online student, an EMA target network of it (decay --consistency-target-decay, LCM's 0.95) and the
     frozen teacher that makes the ODE step."""
+    name = "consistency"
+    summary = "consistency distillation with multistep sampling (Song et al. 2023, LCM)"
+    flags = ("consistency_skip", "consistency_target_decay", "sampling_steps", "guidance_range")
 
-    def __init__(self, args, teacher, teacher_sampling, clip):
-        super().__init__(args, teacher, teacher_sampling, clip)
+    def __init__(self, args, data, device):
+        super().__init__(args, data, device)
         if DIFFUSION_STEPS % args.consistency_skip:
-            raise ValueError(f"--consistency-skip {args.consistency_skip} must divide {DIFFUSION_STEPS}")
+            raise UserError(f"--consistency-skip {args.consistency_skip} must divide {DIFFUSION_STEPS}")
         self.points = DIFFUSION_STEPS // args.consistency_skip
         if not 1 <= args.sampling_steps <= self.points:
-            raise ValueError(f"--sampling-steps {args.sampling_steps} must lie in [1, {self.points}], the grid of "
-                             f"--consistency-skip {args.consistency_skip}")
-        device = next(teacher.parameters()).device
-        self.target = copy.deepcopy(self.student).to(device).requires_grad_(False).eval()
+            raise UserError(f"--sampling-steps {args.sampling_steps} must lie in [1, {self.points}], the grid of "
+                            f"--consistency-skip {args.consistency_skip}")
+        self.frozen["target"] = copy.deepcopy(self.student).requires_grad_(False).eval()
 
-    def losses(self, model, x0, y, randomness, autocast):
-        w, drop = self.guidance(randomness)
-        index = (randomness["uniform"] * self.points).long().clamp(max=self.points - 1)
+    def loss(self, update, nets, x0, y, draws, autocast):
+        w, drop = self.guidance(draws)
+        index = (draws["uniform"] * self.points).long().clamp(max=self.points - 1)
         with autocast:
-            loss = consistency_loss(model, self.target, self.teacher, self.teacher_parametrisation, x0, y,
-                                    randomness["noise"], index, self.args.consistency_skip, w, drop, self.clip)
+            loss = consistency_loss(nets["student"], nets["target"], nets["teacher"], self.teacher_parametrisation,
+                                    x0, y, draws["noise"], index, self.args.consistency_skip, w, drop, self.clip)
         return loss, {"consistency": loss}
 
-    def end_step(self, student):
-        update_ema(self.target, student, self.args.consistency_target_decay)
+    def end_step(self, step):
+        update_ema(self.frozen["target"], self.student, self.args.consistency_target_decay)
 
     def state_dict(self):
-        return {"consistency_target": self.target.state_dict()}
+        return {"consistency_target": self.frozen["target"].state_dict()}
 
     def load_state_dict(self, checkpoint):
-        self.target.load_state_dict(checkpoint["consistency_target"])
+        self.frozen["target"].load_state_dict(checkpoint["consistency_target"])
 
     def sampling(self):
         return {"method": "consistency", "parametrisation": "x-eps", "sampler": "consistency",
@@ -414,25 +493,22 @@ class ConsistencyDistillation(StepDistillation):
 
 class GuidanceDistillation(StepDistillation):
     """One stage of Meng et al.: an eps-predicting student that takes w, sampled by any of the teacher's samplers."""
+    name = "guidance"
+    summary = "the student takes the guidance scale as an input (Meng et al. 2023)"
     parametrisation = "eps"
 
-    def __init__(self, args, teacher, teacher_sampling, clip):
-        if not args.guidance_range:
-            raise ValueError("guidance distillation needs --guidance-range WMIN WMAX")
+    def check_teacher(self, teacher_sampling):
+        if not self.args.guidance_range:
+            raise UserError("guidance distillation needs --guidance-range WMIN WMAX")
         if teacher_sampling["parametrisation"] != "eps":
-            raise ValueError("guidance distillation needs an eps-predicting teacher (a plain or size-distilled DiT)")
-        super().__init__(args, teacher, teacher_sampling, clip)
+            raise UserError("guidance distillation needs an eps-predicting teacher (a plain or size-distilled DiT)")
 
-    def losses(self, model, x0, y, randomness, autocast):
-        w, _ = self.guidance(randomness)
+    def loss(self, update, nets, x0, y, draws, autocast):
+        w, _ = self.guidance(draws)
         with autocast:
-            loss = guidance_loss(model, self.teacher, x0, y, randomness["noise"], randomness["t"], w)
+            loss = guidance_loss(nets["student"], nets["teacher"], x0, y, draws["noise"], draws["t"], w)
         return loss, {"guidance": loss}
 
     def sampling(self):
         return {"method": "guidance", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
                 "guidance_range": self.guidance_range, "consistency_skip": None}
-
-
-STEP_METHODS = {"progressive": ProgressiveDistillation, "consistency": ConsistencyDistillation,
-                "guidance": GuidanceDistillation}
