@@ -40,7 +40,8 @@ from data import LATENT_SCALE, LatentsDataset, encode_images, latents_shard_path
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 from distill import FeatureProjections, teacher_block_indices
-from models import VAE_DOWNSAMPLE, DiT, DiT_models, model_config
+from models import (VAE_DOWNSAMPLE, DiT, DiT_models, flops_per_forward, model_config, multiply_adds_per_forward,
+                    projection_flops)
 from sample import sample_batch
 import train
 
@@ -73,42 +74,8 @@ COLUMNS = (("option", "option"), ("measurement", "measurement"), ("model", "mode
 
 
 #################################################################################
-#                         FLOPs counted from the architecture                    #
+#                           Peak FLOP/s of the device                           #
 #################################################################################
-
-def multiply_adds_per_forward(config):
-    """Multiply-adds of one DiT forward pass for one sample, from its matrix products (the DiT paper's 'GFLOPs').
-
-    Elementwise work (norms, modulation, GELU, softmax) is left out, as in the paper's count.
-    """
-    p, channels, width = config["patch_size"], config["in_channels"], config["hidden_size"]
-    tokens = (config["input_size"] // p) ** 2
-    mlp_width = int(width * config["mlp_ratio"])
-    out_channels = 2 * channels if config["learn_sigma"] else channels
-    frequency_size = 256  # TimestepEmbedder's sinusoidal embedding size
-    block = (3 * tokens * width * width  # qkv
-             + 2 * tokens * tokens * width  # q k^T and the attention-weighted sum of v
-             + tokens * width * width  # attention output projection
-             + 2 * tokens * width * mlp_width  # MLP
-             + width * 6 * width)  # adaLN modulation, once per sample
-    patch_embed = tokens * p * p * channels * width
-    timestep_embed = frequency_size * width + width * width
-    final_layer = width * 2 * width + tokens * width * p * p * out_channels
-    return config["depth"] * block + patch_embed + timestep_embed + final_layer
-
-
-def flops_per_forward(config):
-    """FLOPs of one forward pass for one sample: two per multiply-add. A training step costs three times this."""
-    return 2 * multiply_adds_per_forward(config)
-
-
-def projection_flops(student_config, teacher_config):
-    """FLOPs of the feature projections (one Linear per student block, where the widths differ) for one sample."""
-    if student_config["hidden_size"] == teacher_config["hidden_size"]:
-        return 0
-    tokens = (student_config["input_size"] // student_config["patch_size"]) ** 2
-    return 2 * student_config["depth"] * tokens * student_config["hidden_size"] * teacher_config["hidden_size"]
-
 
 def peak_tflops(device, override):
     """(dense bf16 peak TFLOP/s or None, where it came from)."""
