@@ -14,7 +14,8 @@ and of --ddim-steps DDIM steps is that per-step time times the step count (every
 with --full, the whole loop. Classifier-free guidance doubles the model's batch.
 Options: each is measured on and off against the base row (--precision, eager, the default SDPA kernel): the other
 precision (autocast as train.py), torch.compile (as train.py), each SDPA backend, CUDA graphs for batch-1 sampling.
-Timed calls of one group go round-robin after warm-up, so load from other jobs hits them alike; the median is kept.
+Timed calls of one group go round-robin after warm-up (experiments.time_side_by_side), so load from other jobs hits
+them alike; the median is kept.
 """
 import argparse
 import ctypes
@@ -22,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +40,7 @@ from data import LATENT_SCALE, LatentsDataset, encode_images, latents_shard_path
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 from distill import FeatureProjections, teacher_block_indices
+from experiments import synchronize, time_side_by_side
 from models import (VAE_DOWNSAMPLE, DiT, DiT_models, flops_per_forward, model_config, multiply_adds_per_forward,
                     projection_flops)
 from sample import sample_batch
@@ -104,11 +105,6 @@ MEMORY_METHODS = {
 }
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def proc_status_bytes(key):
     with open("/proc/self/status") as f:
         for line in f:
@@ -141,30 +137,6 @@ def peak_memory_growth(fn, device):
         return None
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status_bytes("VmHWM")
     return max(peak - start, 0)
-
-
-def time_side_by_side(functions, device, warmup, repeats):
-    """{name: (median seconds, spread = (max - min) / median, warm-up seconds)} of the functions {name: fn}.
-
-    Warm-up calls first (compilation, kernel selection); then `repeats` rounds that call each function once in turn.
-    """
-    warmup_seconds = {}
-    for name, fn in functions.items():
-        start = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        warmup_seconds[name] = time.perf_counter() - start
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), (max(t) - min(t)) / statistics.median(t), warmup_seconds[name])
-            for name, t in times.items()}
 
 
 def state_bytes(*things):
