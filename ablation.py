@@ -2,8 +2,8 @@
 
     python ablation.py --teacher-ckpt results/digits/teacher/checkpoints/0002000.pt --out results/ablation
 
-Each variant distills DiT-Digits-S from the same teacher for the same number of steps with train.py, samples it
-(run_digits.py's settings) and scores it with evaluate.py; the table gives the mean and standard deviation over seeds.
+Each variant distills DiT-Digits-S from the same teacher for the same number of steps with train.py (the main job's
+training flags), samples it and scores it with evaluate.py; the table gives the mean and standard deviation over seeds.
 Finished runs are reused, so a stopped ablation continues where it stopped.
 """
 import argparse
@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from checks import non_negative_float, run_script
-from run_digits import STUDENT, TEACHER, TRAINING, final_checkpoint, run
+from experiments import STUDENT, TEACHER, TRAINING, digits_labels, final_checkpoint, run
 
 # name -> train.py flags. The first five train all their terms from the first step (no stages), adding one term at
 # a time; the last is the staged recipe of train.py's defaults (scaled to the same total length).
@@ -52,7 +52,7 @@ def score_variant(args, name, seed):
             "--student-model", STUDENT, *stage_flags(name, args.steps), *VARIANTS[name], "--seed", seed,
             "--ckpt-every", args.steps, "--results-dir", results_dir, *TRAINING)
     model, data = load_dit_checkpoint(final_checkpoint(results_dir, args.steps))
-    labels = [i % 10 for i in range(args.num_samples)]
+    labels = digits_labels(args.num_samples)
     images = generate(model, data, labels, seed=seed, num_sampling_steps=args.sampling_steps, sampler="ddim",
                       cfg_scale=args.cfg_scale, batch_size=500, progress=False)
     scores = digits_scores(to_uint8_nhwc(images), labels, cache_dir=os.path.join(args.out, "digits_scorer"))

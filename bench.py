@@ -14,7 +14,8 @@ and of --ddim-steps DDIM steps is that per-step time times the step count (every
 with --full, the whole loop. Classifier-free guidance doubles the model's batch.
 Options: each is measured on and off against the base row (--precision, eager, the default SDPA kernel): the other
 precision (autocast as train.py), torch.compile (as train.py), each SDPA backend, CUDA graphs for batch-1 sampling.
-Timed calls of one group go round-robin after warm-up, so load from other jobs hits them alike; the median is kept.
+Timed calls of one group go round-robin after warm-up (experiments.time_side_by_side), so load from other jobs hits
+them alike; the median is kept.
 """
 import argparse
 import ctypes
@@ -22,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +40,9 @@ from data import LATENT_SCALE, LatentsDataset, encode_images, latents_shard_path
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
 from distill import FeatureProjections, teacher_block_indices
-from models import VAE_DOWNSAMPLE, DiT, DiT_models, model_config
+from experiments import synchronize, time_side_by_side
+from models import (VAE_DOWNSAMPLE, DiT, DiT_models, flops_per_forward, model_config, multiply_adds_per_forward,
+                    projection_flops)
 from sample import sample_batch
 import train
 
@@ -73,42 +75,8 @@ COLUMNS = (("option", "option"), ("measurement", "measurement"), ("model", "mode
 
 
 #################################################################################
-#                         FLOPs counted from the architecture                    #
+#                           Peak FLOP/s of the device                           #
 #################################################################################
-
-def multiply_adds_per_forward(config):
-    """Multiply-adds of one DiT forward pass for one sample, from its matrix products (the DiT paper's 'GFLOPs').
-
-    Elementwise work (norms, modulation, GELU, softmax) is left out, as in the paper's count.
-    """
-    p, channels, width = config["patch_size"], config["in_channels"], config["hidden_size"]
-    tokens = (config["input_size"] // p) ** 2
-    mlp_width = int(width * config["mlp_ratio"])
-    out_channels = 2 * channels if config["learn_sigma"] else channels
-    frequency_size = 256  # TimestepEmbedder's sinusoidal embedding size
-    block = (3 * tokens * width * width  # qkv
-             + 2 * tokens * tokens * width  # q k^T and the attention-weighted sum of v
-             + tokens * width * width  # attention output projection
-             + 2 * tokens * width * mlp_width  # MLP
-             + width * 6 * width)  # adaLN modulation, once per sample
-    patch_embed = tokens * p * p * channels * width
-    timestep_embed = frequency_size * width + width * width
-    final_layer = width * 2 * width + tokens * width * p * p * out_channels
-    return config["depth"] * block + patch_embed + timestep_embed + final_layer
-
-
-def flops_per_forward(config):
-    """FLOPs of one forward pass for one sample: two per multiply-add. A training step costs three times this."""
-    return 2 * multiply_adds_per_forward(config)
-
-
-def projection_flops(student_config, teacher_config):
-    """FLOPs of the feature projections (one Linear per student block, where the widths differ) for one sample."""
-    if student_config["hidden_size"] == teacher_config["hidden_size"]:
-        return 0
-    tokens = (student_config["input_size"] // student_config["patch_size"]) ** 2
-    return 2 * student_config["depth"] * tokens * student_config["hidden_size"] * teacher_config["hidden_size"]
-
 
 def peak_tflops(device, override):
     """(dense bf16 peak TFLOP/s or None, where it came from)."""
@@ -135,11 +103,6 @@ MEMORY_METHODS = {
     "cpu": "resident weights/optimizer state of the measured models + growth of the process's peak resident set "
            "(VmHWM, reset through /proc/self/clear_refs after malloc_trim) over one extra call",
 }
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def proc_status_bytes(key):
@@ -174,30 +137,6 @@ def peak_memory_growth(fn, device):
         return None
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status_bytes("VmHWM")
     return max(peak - start, 0)
-
-
-def time_side_by_side(functions, device, warmup, repeats):
-    """{name: (median seconds, spread = (max - min) / median, warm-up seconds)} of the functions {name: fn}.
-
-    Warm-up calls first (compilation, kernel selection); then `repeats` rounds that call each function once in turn.
-    """
-    warmup_seconds = {}
-    for name, fn in functions.items():
-        start = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        synchronize(device)
-        warmup_seconds[name] = time.perf_counter() - start
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(t), (max(t) - min(t)) / statistics.median(t), warmup_seconds[name])
-            for name, t in times.items()}
 
 
 def state_bytes(*things):

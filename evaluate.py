@@ -22,6 +22,7 @@ import json
 import os
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -496,9 +497,7 @@ def main(args):
         result = dict(samples=args.samples, metrics="imagenet", ref_batch=args.ref_batch,
                       inception_weights=args.inception_weights, scores=scores)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=2)
+        write_atomically(args.json, lambda temporary: Path(temporary).write_text(json.dumps(result, indent=2)))
         print(f"wrote {args.json}")
     return result
 

@@ -15,12 +15,11 @@ Writes fewstep.md and fewstep.json into --out.
 import argparse
 import json
 import os
-import time
 
 import numpy as np
 
 from checks import non_negative_float, probability, run_script
-from run_digits import final_checkpoint, run
+from experiments import digits_labels, evaluate_rows, final_checkpoint, run
 
 STEP_COUNTS = (1, 2, 4, 8)
 REFERENCE_STEPS = 50
@@ -52,29 +51,11 @@ def train_students(args):
         final_checkpoint(runs["guidance"], args.guidance_steps), progressive_steps
 
 
-def evaluate_rows(args, rows, cache_dir=None, timing_rounds=3):
-    """rows: {name: (model, data, settings for generate)} -> {name: scores, forwards, seconds per image}.
-    args: num_samples, seed, timing_samples, out (the scorer's cache is out/scorer unless cache_dir)."""
-    from evaluate import digits_scores
-    from sample import forwards_per_step, generate, to_uint8_nhwc
-    labels = [i % 10 for i in range(args.num_samples)]
-    results = {}
-    for name, (model, data, settings) in rows.items():
-        images = generate(model, data, labels, seed=args.seed, batch_size=500, progress=False, **settings)
-        results[name] = digits_scores(to_uint8_nhwc(images), labels,
-                                      cache_dir=cache_dir or os.path.join(args.out, "scorer"))
-        results[name]["forwards"] = settings["num_sampling_steps"] * forwards_per_step(model, settings["cfg_scale"])
-        print(f"{name}: accuracy {results[name]['accuracy']:.3f}, Frechet {results[name]['frechet']:.2f}", flush=True)
-    timings = {name: [] for name in rows}
-    for _ in range(timing_rounds):  # rounds that time every row in turn on the same batch; the median is kept
-        for name, (model, data, settings) in rows.items():
-            start = time.perf_counter()
-            generate(model, data, labels[:args.timing_samples], seed=args.seed, batch_size=args.timing_samples,
-                     progress=False, **settings)
-            timings[name].append((time.perf_counter() - start) / args.timing_samples)
-    for name in rows:
-        results[name]["seconds_per_image"] = float(np.median(timings[name]))
-    return results
+def score_rows(args, rows):
+    """experiments.evaluate_rows for this script's flags: --num-samples scored, 3 timing rounds of --timing-samples,
+    the scorer cached in --out/scorer."""
+    return evaluate_rows(rows, digits_labels(args.num_samples), args.seed, args.timing_samples,
+                         os.path.join(args.out, "scorer"), timing_rounds=3)
 
 
 def table(results, reference, training):
@@ -107,7 +88,7 @@ def main(args):
     for steps in STEP_COUNTS:
         rows[f"consistency student {steps}"] = (consistency, consistency_data,
                                                 dict(sampler=None, num_sampling_steps=steps, **unguided))
-    results = evaluate_rows(args, rows)
+    results = score_rows(args, rows)
     round_length = progressive_steps // 6  # the N-step progressive student has trained every round down to N
     training = {**{f"progressive student {steps}": f"{round_length * (7 - steps.bit_length())} "
                                                    f"({7 - steps.bit_length()} rounds)" for steps in STEP_COUNTS},
@@ -120,7 +101,7 @@ def main(args):
                                    ("guidance-distilled student, one forward", guidance, guidance_data)):
             guided_rows[f"{label}, w={w} {REFERENCE_STEPS}"] = (
                 model, data, dict(sampler="ddim", num_sampling_steps=REFERENCE_STEPS, cfg_scale=w))
-    guided = evaluate_rows(args, guided_rows)
+    guided = score_rows(args, guided_rows)
     guided_lines = ["| model | w | forwards / image | sampling time vs teacher at the same w | class accuracy | "
                     "Frechet distance |", "|---|---:|---:|---:|---:|---:|"]
     for w in args.guidance_scales:

@@ -453,3 +453,41 @@ def update_ema(ema_model, model, decay):
     ema_params = dict(ema_model.named_parameters())
     names = [name for name, _ in model.named_parameters()]
     torch._foreach_lerp_([ema_params[n] for n in names], [p.data for _, p in model.named_parameters()], 1 - decay)
+
+
+#################################################################################
+#                         FLOPs counted from the architecture                    #
+#################################################################################
+
+def multiply_adds_per_forward(config):
+    """Multiply-adds of one DiT forward pass for one sample, from its matrix products (the DiT paper's 'GFLOPs').
+
+    Elementwise work (norms, modulation, GELU, softmax) is left out, as in the paper's count.
+    """
+    p, channels, width = config["patch_size"], config["in_channels"], config["hidden_size"]
+    tokens = (config["input_size"] // p) ** 2
+    mlp_width = int(width * config["mlp_ratio"])
+    out_channels = 2 * channels if config["learn_sigma"] else channels
+    frequency_size = 256  # TimestepEmbedder's sinusoidal embedding size
+    block = (3 * tokens * width * width  # qkv
+             + 2 * tokens * tokens * width  # q k^T and the attention-weighted sum of v
+             + tokens * width * width  # attention output projection
+             + 2 * tokens * width * mlp_width  # MLP
+             + width * 6 * width)  # adaLN modulation, once per sample
+    patch_embed = tokens * p * p * channels * width
+    timestep_embed = frequency_size * width + width * width
+    final_layer = width * 2 * width + tokens * width * p * p * out_channels
+    return config["depth"] * block + patch_embed + timestep_embed + final_layer
+
+
+def flops_per_forward(config):
+    """FLOPs of one forward pass for one sample: two per multiply-add. A training step costs three times this."""
+    return 2 * multiply_adds_per_forward(config)
+
+
+def projection_flops(student_config, teacher_config):
+    """FLOPs of the feature projections (one Linear per student block, where the widths differ) for one sample."""
+    if student_config["hidden_size"] == teacher_config["hidden_size"]:
+        return 0
+    tokens = (student_config["input_size"] // student_config["patch_size"]) ** 2
+    return 2 * student_config["depth"] * tokens * student_config["hidden_size"] * teacher_config["hidden_size"]

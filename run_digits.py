@@ -16,53 +16,19 @@ its output already exists, so rerunning after a stop continues where it stopped.
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import torch
 
-from checks import UserError, non_negative_float, non_negative_int, positive_int, run_script, write_atomically
+from checks import non_negative_float, non_negative_int, positive_int, run_script, write_atomically
+from experiments import (STUDENT, TEACHER, TRAINING, digits_labels, exported_metadata, final_checkpoint, run,
+                         time_exports, time_sampling)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TEACHER, STUDENT = "DiT-Digits-T", "DiT-Digits-S"
-TRAINING = ["--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.995", "--log-every", "100"]
 # Step distillation of the distilled student into the shipped few-step model: fine-tuning from its own weights, at half
 # the learning rate; the EMA's time constant (100 steps) also stays well below a progressive round.
 FEWSTEP_TRAINING = ["--global-batch-size", "128", "--lr", "1e-3", "--ema-decay", "0.99", "--log-every", "100"]
 FEWSTEP_METHOD_FLAGS = {"progressive": ["--progressive-start-steps", "32"], "consistency": []}
 NAMES = ("teacher", "student", "scratch", "fewstep")
-
-
-def run(script, *arguments):
-    """Run one of the project's scripts as a user would; its progress bars show through. SIGTERM / SIGINT sent to
-    this process go to the script too, and this process then exits with 128 + the signal's number; a script that
-    fails stops the job (its own error line is above)."""
-    command = [sys.executable, os.path.join(ROOT, script), *map(str, arguments)]
-    print("$ " + " ".join(command[1:]), flush=True)
-    child = subprocess.Popen(command)
-    received = []
-
-    def forward(signum, frame):  # no wait() in here: the interrupted child.wait() below holds its lock
-        received.append(signum)
-        child.send_signal(signum)
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        returncode = child.wait()  # until the child has ended, stopped by a forwarded signal or not
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:
-        sys.exit(128 + received[0])
-    if returncode:
-        raise UserError(f"{script} failed (exit status {returncode}) - see its message above; rerunning the same "
-                        f"command reuses the finished steps")
-
-
-def final_checkpoint(results_dir, steps):
-    return os.path.join(results_dir, "checkpoints", f"{steps:07d}.pt")
 
 
 def train_models(args):
@@ -96,22 +62,17 @@ def sample_all(args, checkpoints):
     """
     from models import load_dit_checkpoint
     from sample import generate, save_npz
-    labels = [i % 10 for i in range(args.num_samples)]
-    loaded = {name: load_dit_checkpoint(path) for name, path in checkpoints.items()}
-    for name, (model, data) in loaded.items():
+    labels = digits_labels(args.num_samples)
+    rows = {}
+    for name, path in checkpoints.items():
+        model, data = load_dit_checkpoint(path)
+        rows[name] = (model, data, sampling_settings(args, data))
+    for name, (model, data, settings) in rows.items():
         npz = os.path.join(args.out, f"{name}.npz")
         if not os.path.exists(npz):
-            images = generate(model, data, labels, seed=args.seed, batch_size=500, progress=True,
-                              **sampling_settings(args, data))
+            images = generate(model, data, labels, seed=args.seed, batch_size=500, progress=True, **settings)
             save_npz(npz, images, labels)
-    timings = {name: [] for name in loaded}
-    for _ in range(3):
-        for name, (model, data) in loaded.items():
-            start = time.perf_counter()
-            generate(model, data, labels[:args.timing_samples], seed=args.seed, batch_size=args.timing_samples,
-                     progress=False, **sampling_settings(args, data))
-            timings[name].append((time.perf_counter() - start) / args.timing_samples)
-    return {name: float(np.median(seconds)) for name, seconds in timings.items()}
+    return time_sampling(rows, labels, args.seed, args.timing_samples, rounds=3)
 
 
 def sampling_settings(args, data):
@@ -122,15 +83,13 @@ def sampling_settings(args, data):
 
 
 def compare_samplers(args, checkpoints):
-    """samplers.py's table for the teacher and the distilled student (reused when samplers.json exists)."""
-    from models import load_dit_checkpoint
-    from samplers import sampler_table, table
-    path = os.path.join(args.out, "samplers.json")
-    models = {name: load_dit_checkpoint(checkpoints[name]) for name in ("teacher", "student")}
-    if os.path.exists(path):
-        with open(path) as f:
-            return table(json.load(f), models)
-    return sampler_table(args, models, cache_dir=os.path.join(args.out, "digits_scorer"))[0]
+    """samplers.py's table for the teacher and the distilled student, in --out (reused when samplers.json exists)."""
+    if not os.path.exists(os.path.join(args.out, "samplers.json")):
+        run("samplers.py", "--ckpt", checkpoints["teacher"], "--ckpt", checkpoints["student"], "--out", args.out,
+            "--cache-dir", os.path.join(args.out, "digits_scorer"), "--seed", args.seed,
+            "--num-samples", args.num_samples, "--timing-samples", args.timing_samples)
+    with open(os.path.join(args.out, "samplers.md")) as f:
+        return f.read().rstrip("\n")
 
 
 def score_all(args):
@@ -170,7 +129,7 @@ def score_exports(args, exported):
     import run_exported
     from evaluate import digits_scores
     scores = {}
-    labels = np.arange(args.num_samples) % 10  # run_exported.py --num-samples: the classes in turn
+    labels = np.asarray(digits_labels(args.num_samples))  # as run_exported.py --num-samples: classes in turn
     for name, path in exported.items():
         npz = path + ".samples.npz"
         if not os.path.exists(npz):  # the few-step files sample with their own sampler and steps
@@ -189,33 +148,6 @@ def score_exports(args, exported):
         scores[name]["megabytes"] = os.path.getsize(path) / 2**20
         scores[name]["precision"] = exported_metadata(path)["precision"]
     return scores
-
-
-def exported_metadata(path):
-    """The metadata export.py writes beside every file (path + ".json"), without loading the model."""
-    with open(path + ".json") as f:
-        return json.load(f)
-
-
-def time_exports(exported, repeats=20):
-    """CPU latency of every exported file relative to the fp32 file of its model and format, at batch 1 and 8: the
-    files of one format (and model config) timed interleaved in one fresh process (export.run_in_fresh_process,
-    1 thread)."""
-    from export import run_in_fresh_process, verification_inputs
-    groups = {}  # "fewstep onnx int8" -> format "onnx"; one set of inputs fits every file of a group
-    for name, path in exported.items():
-        metadata = exported_metadata(path)
-        key = (name.split()[1], json.dumps(metadata["model_config"], sort_keys=True),
-               str(metadata["sampling"]["guidance_range"]))
-        groups.setdefault(key, (metadata, []))[1].append(name)
-    latency = {}
-    for metadata, names in groups.values():
-        inputs = verification_inputs(metadata["model_config"], (1, 8),
-                                     guidance_range=metadata["sampling"]["guidance_range"])
-        measured = run_in_fresh_process([exported[n] for n in names], inputs, repeats=repeats, threads=1)[1]
-        latency |= dict(zip(names, measured))
-    return {name: {batch: latency[name][batch] / latency[" ".join(name.split()[:2])][batch] for batch in (1, 8)}
-            for name in exported}
 
 
 def save_comparison_grid(args):
@@ -257,8 +189,7 @@ def save_loss_curves(args):
 
 
 def write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown):
-    from bench import flops_per_forward
-    from models import load_dit_checkpoint
+    from models import flops_per_forward, load_dit_checkpoint
     from sample import forwards_per_step
     lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
              f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "

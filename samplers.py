@@ -7,14 +7,15 @@ for each checkpoint given, with DDIM 50 as the reference.
 Every row samples the same labels (classes 0-9 in turn) from the same initial noise (--seed), unguided, and is
 scored by evaluate.py's digits scorer; sampling time is per image relative to the first checkpoint's DDIM 50, one
 round that times the rows in turn (forwards are the cost: a solver step is one forward, as DDIM's). Writes
-samplers.md and samplers.json into --out; run_digits.py puts the table in its report.
+samplers.md and samplers.json into --out; run_digits.py runs it and puts the table in its report.
 """
 import argparse
 import json
 import os
+from pathlib import Path
 
-from checks import UserError, non_negative_int, number_in, positive_int, run_script
-from fewstep import evaluate_rows
+from checks import UserError, non_negative_int, number_in, positive_int, run_script, write_atomically
+from experiments import digits_labels, evaluate_rows
 
 SAMPLERS = ("ddim", "dpm++2m", "unipc")
 STEP_COUNTS = (5, 10, 20)
@@ -47,15 +48,15 @@ def table(results, models):
     return "\n".join(lines)
 
 
-def sampler_table(args, models, cache_dir=None):
-    """Score every row; write samplers.md / samplers.json into args.out; returns (markdown table, results)."""
-    results = evaluate_rows(args, sampler_rows(models), cache_dir, timing_rounds=1)
+def sampler_table(args, models):
+    """Score every row; write samplers.md, then samplers.json (the sign of a finished table) into args.out; returns
+    (markdown table, results)."""
+    results = evaluate_rows(sampler_rows(models), digits_labels(args.num_samples), args.seed, args.timing_samples,
+                            args.cache_dir or os.path.join(args.out, "scorer"), timing_rounds=1)
     text = table(results, models)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "samplers.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "samplers.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_atomically(os.path.join(args.out, "samplers.md"), lambda temporary: Path(temporary).write_text(text + "\n"))
+    write_atomically(os.path.join(args.out, "samplers.json"),
+                     lambda temporary: Path(temporary).write_text(json.dumps(results, indent=2)))
     return text, results
 
 
@@ -78,7 +79,10 @@ def parse_args(argv=None):
                                                  "checkpoints, scored side by side.")
     parser.add_argument("--ckpt", action="append", required=True,
                         help="a noise-predicting digits checkpoint (repeat for several; named by its run folder)")
-    parser.add_argument("--out", default="results/samplers", help="output folder (the scorer is cached in it)")
+    parser.add_argument("--out", default="results/samplers",
+                        help="output folder (the scorer is cached in it unless --cache-dir)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="folder of the cached digits scorer, trained there if absent (default OUT/scorer)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the initial noise")
     parser.add_argument("--num-samples", type=number_in(int, 2), default=500, help="samples scored per row")
     parser.add_argument("--timing-samples", type=positive_int, default=100,

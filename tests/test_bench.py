@@ -1,4 +1,4 @@
-"""bench.py: the FLOPs count against the DiT paper's table, and a --quick run end to end on the CPU."""
+"""bench.py, and models.py's FLOPs count against the DiT paper's table, and a --quick run end to end on the CPU."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import torch
 
 import bench
 from data import encode_images
-from models import model_config
+from models import flops_per_forward, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # GFLOPs (multiply-adds) per forward pass at 256 px (32x32x4 latents), from the DiT paper (Peebles & Xie, Table 4).
@@ -19,16 +19,16 @@ PUBLISHED_GMACS = {"DiT-S/2": 6.06, "DiT-B/2": 23.0, "DiT-L/2": 80.7, "DiT-XL/2"
 @pytest.mark.parametrize("name", PUBLISHED_GMACS)
 def test_flops_match_the_papers_table(name):
     config = model_config(name, input_size=32)
-    gmacs = bench.flops_per_forward(config) / 2 / 1e9
+    gmacs = flops_per_forward(config) / 2 / 1e9
     assert gmacs == pytest.approx(PUBLISHED_GMACS[name], rel=0.03)
 
 
 def test_flops_scale_with_tokens_and_depth():
     """Patch size 4 has a quarter of the tokens: the token-linear terms drop 4x, attention 16x."""
     p2, p4 = model_config("DiT-XL/2", input_size=32), model_config("DiT-XL/4", input_size=32)
-    assert 3.9 < bench.flops_per_forward(p2) / bench.flops_per_forward(p4) < 4.3
+    assert 3.9 < flops_per_forward(p2) / flops_per_forward(p4) < 4.3
     shallow = model_config("DiT-XL/2", input_size=32, depth=14)
-    assert bench.flops_per_forward(shallow) == pytest.approx(bench.flops_per_forward(p2) / 2, rel=0.01)
+    assert flops_per_forward(shallow) == pytest.approx(flops_per_forward(p2) / 2, rel=0.01)
 
 
 def test_tiny_vae_downsamples_like_the_stable_diffusion_vae():

@@ -311,6 +311,7 @@ def test_cli_digits_end_to_end(tmp_path, scorer_dir):
     assert result.returncode == 0, result.stderr
     assert "class accuracy" in result.stdout and "Frechet distance" in result.stdout
     scores = json.loads(out.read_text())
+    assert [p.name for p in out.parent.iterdir()] == ["scores.json"]  # written atomically: no temporary left
     assert scores["metrics"] == "digits" and scores["scores"]["n"] == 120
     assert scores["scores"]["accuracy"] >= 0.95
     assert scores["reference"]["accuracy"] >= 0.95

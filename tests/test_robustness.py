@@ -1,5 +1,5 @@
 """Nothing lost, nothing silent: the results-dir lock, validated flags, broken files named (and repaired), one kind of
-error line (checks.py), run_digits.py's signals."""
+error line (checks.py), experiments.run's signals (the scripts the main job runs)."""
 import os
 import shutil
 import signal
@@ -198,12 +198,12 @@ def test_corrupt_exported_file_is_one_error_line(extension, tmp_path):
     assert f"error: {exported}: cannot be read" in result.stderr and "export it again" in result.stderr
 
 
-# ---------------------------------------------------------------- run_digits.py stops its child
+# ---------------------------------------------------------------- experiments.run stops its child
 
-def test_run_digits_forwards_sigterm_to_its_child(tmp_path):
+def test_experiments_run_forwards_sigterm_to_its_child(tmp_path):
     child_script, pid_file = tmp_path / "child.py", tmp_path / "child.pid"
     child_script.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", "import sys, run_digits; run_digits.run(sys.argv[1])",
+    parent = subprocess.Popen([sys.executable, "-c", "import sys, experiments; experiments.run(sys.argv[1])",
                                str(child_script)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
