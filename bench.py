@@ -4,9 +4,9 @@
     python bench.py --preset cpu-small --out results/bench  # DiT-Digits-T vs DiT-Digits-S on 64 px latents
     python bench.py --preset gpu-full --out results/bench   # DiT-XL/2 vs DiT-S/2 at 256 px, bf16 (the GPU default)
 
-Everything runs through the project's own code: sample.sample_batch for sampling; train.load_teacher,
-train.build_student, train.compute_losses, fused AdamW and train.update_ema for training (stage None is plain
-training, stage 'joint' distillation with the teacher's features); data.encode_images, data.LatentsDataset and
+Everything runs through the project's own code: sample.sample_batch for sampling; train.build_run and
+train.train_step for training (the loop's own step: size distillation's joint stage with the teacher's features, and
+with every KD weight 0 the student's plain step); data.encode_images, data.LatentsDataset and
 train.rank_batches for the input pipeline. Weights are random (DiT's initialisation); speed does not depend on them.
 
 Sampling: a denoiser step is timed by running sample_batch over --timed-steps respaced steps; the time of 250 DDPM steps
@@ -39,7 +39,7 @@ from checks import non_negative_float, positive_float, run_script
 from data import LATENT_SCALE, LatentsDataset, encode_images, latents_shard_path, load_vae
 from diffusion import create_diffusion
 from diffusion.respace import space_timesteps
-from distill import FeatureProjections, teacher_block_indices
+from distill import teacher_block_indices
 from experiments import synchronize, time_side_by_side
 from models import (VAE_DOWNSAMPLE, DiT, DiT_models, flops_per_forward, model_config, multiply_adds_per_forward,
                     projection_flops)
@@ -174,35 +174,32 @@ def make_row(option, measurement, model, batch, seconds=None, spread=None, calls
 #                     The objects train.py and sample.py use                    #
 #################################################################################
 
-def train_arguments(args, teacher_ckpt, precision):
-    """train.py's own argument namespace (its defaults for the KD weights, EMA, clipping, ...) for this benchmark."""
+def train_arguments(args, teacher_ckpt, precision, compile=False, kd=True):
+    """train.py's own argument namespace (its defaults for the KD weights, EMA, clipping, ...) for this benchmark;
+    kd=False weighs every KD term 0, which leaves the student's plain diffusion-loss step (no teacher forward)."""
     argv = ["--distillation", "--teacher-model", args.teacher_model, "--teacher-ckpt", teacher_ckpt,
             "--student-model", args.student_model, "--precision", precision, "--global-batch-size",
-            str(args.train_batch), "--num-workers", str(args.num_workers), "--seed", str(args.seed)]
-    if args.student_depth:
-        argv += ["--student-depth", str(args.student_depth)]
+            str(args.train_batch), "--num-workers", str(args.num_workers), "--seed", str(args.seed),
+            "--warmup-steps", "0", "--feature-steps", "0", "--joint-steps", "1"]  # the joint stage: every KD term
+    argv += ["--student-depth", str(args.student_depth)] if args.student_depth else []
+    argv += ["--compile"] if compile else []
+    argv += [] if kd else ["--kd-output-weight", "0", "--kd-feature-weight", "0", "--kd-kl-weight", "0"]
     return train.parse_args(argv)
 
 
-def training_setup(args, data, teacher_ckpt, precision, device):
-    """Teacher, student, EMA, projections, optimizer and diffusion, built as train.py's train() builds them."""
-    targs = train_arguments(args, teacher_ckpt, precision)
-    teacher = train.load_teacher(targs, data, device)  # frozen; bf16 weights under --precision bf16
-    student = train.build_student(targs, data, teacher).to(device)
-    ema = DiT(**student.config).to(device)
-    ema.load_state_dict(student.state_dict())
-    ema.requires_grad_(False)
-    ema.eval()
-    block_map = teacher_block_indices(student.config["depth"], teacher.config["depth"])
-    projections = FeatureProjections(student.config["hidden_size"], teacher.config["hidden_size"],
-                                     student.config["depth"]).to(device)
-    trainable = [p for p in student.parameters() if p.requires_grad] + list(projections.parameters())
-    opt = torch.optim.AdamW(trainable, lr=targs.lr, weight_decay=targs.weight_decay, fused=True)
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=student.config["learn_sigma"])
+def training_setup(args, data, teacher_ckpt, precision, device, compile=False):
+    """train.py's own runs (train.build_run: method, networks as the loop wraps them, optimizers, EMA): the
+    distillation step and the student's plain step; the teacher and EMA student for the sampling rows."""
+    runs = {}
+    for name, kd in (("student step", False), ("distill step", True)):
+        targs = train_arguments(args, teacher_ckpt, precision, compile, kd)
+        runs[name] = train.build_run(targs, data, device, world_size=1)
+        runs[name].method.begin_step(0, runs[name].ema)  # enters the joint stage
+    run = runs["distill step"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    return SimpleNamespace(args=targs, teacher=teacher, student=student, ema=ema, block_map=block_map,
-                           projections=projections, trainable=trainable, opt=opt, diffusion=diffusion,
-                           autocast=autocast, precision=precision)
+    return SimpleNamespace(args=run.args, runs=runs, teacher=run.method.teacher, student=run.method.student,
+                           ema=run.ema, projections=run.method.trainable["projections"], opt=run.optimizers["student"],
+                           autocast=autocast, precision=precision, teacher_ckpt=teacher_ckpt)
 
 
 def build_vae(name, device):
@@ -326,44 +323,35 @@ def sampling_for_option(option, setup, args, device, peak, base):
 
 
 def training_rows(option, setup, args, data, device, peak):
-    """Teacher forward, student step (plain training) and distillation step, timed side by side."""
+    """Teacher forward, student step (plain training) and distillation step, timed side by side: the steps are
+    train.train_step on train.build_run's runs, the loop's own code."""
     if option["compile"]:
         torch._dynamo.reset()  # a fresh compile, as train.py starts with
-    student, teacher, opt, targs = setup.student, setup.teacher, setup.opt, setup.args
-    model = torch.compile(student) if option["compile"] else student  # as train.py --compile
-    teacher_model = torch.compile(teacher) if option["compile"] else teacher
-    model.train()
-    batch, diffusion = args.train_batch, setup.diffusion
+        setup = training_setup(args, data, setup.teacher_ckpt, setup.precision, device, compile=True)
+    student, teacher, opt = setup.student, setup.teacher, setup.opt
+    batch, run = args.train_batch, setup.runs["distill step"]
     x0 = torch.randn(batch, data["in_channels"], data["input_size"], data["input_size"], device=device)
     y = torch.randint(0, data["num_classes"], (batch,), device=device)
-    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
-    noise = torch.randn_like(x0)
-    drop = (torch.rand(batch, device=device) < student.config["class_dropout_prob"]).long()
-    x_t = diffusion.q_sample(x0, t, noise=noise)
+    draws = train.step_draws(run.method, run.args, data, 0, 0, 1, device)
+    x_t = run.method.diffusion.q_sample(x0, draws["t"], noise=draws["noise"])
 
     def teacher_forward():
-        with torch.no_grad(), setup.autocast:  # the teacher's call inside train.compute_losses
-            teacher_model(x_t, t, y, return_features=True, force_drop_ids=drop)
+        with torch.no_grad(), setup.autocast:  # the teacher's call inside distill.compute_losses
+            run.called["teacher"](x_t, draws["t"], y, return_features=True, force_drop_ids=draws["drop"])
 
-    def training_step(stage):  # the body of train.py's loop, less its logging
-        loss, _ = train.compute_losses(model, teacher_model, setup.projections, setup.block_map, diffusion, x0, y,
-                                       t, noise, drop, stage, targs, setup.autocast)
-        opt.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(setup.trainable, targs.max_grad_norm or float("inf"))
-        if not torch.isfinite(grad_norm):  # train.py checks this every step (a device sync)
-            raise FloatingPointError(f"non-finite gradient in the {stage} step")
-        opt.step()
-        train.update_ema(setup.ema, student, targs.ema_decay)
+    def training_step(name):  # the body of train.py's loop, less its logging
+        train.train_step(setup.runs[name], 0, x0, y, draws)
 
-    functions = {"teacher forward": teacher_forward, "student step": partial(training_step, None),
-                 "distill step": partial(training_step, "joint")}
+    functions = {"teacher forward": teacher_forward, "student step": partial(training_step, "student step"),
+                 "distill step": partial(training_step, "distill step")}
     timings = time_side_by_side(functions, device, args.warmup, args.repeats)
     student_flops = 3 * flops_per_forward(student.config) * batch  # forward + backward (twice the forward)
     teacher_flops = flops_per_forward(teacher.config) * batch
+    plain = setup.runs["student step"]
     plans = {
         "teacher forward": (args.teacher_model, teacher_flops, (teacher,)),
-        "student step": (args.student_label, student_flops, (student, setup.ema, opt)),
+        "student step": (args.student_label, student_flops, (plain.method.student, plain.ema,
+                                                             plain.optimizers["student"])),
         "distill step": (f"{args.teacher_model} -> {args.student_label}", teacher_flops + student_flops + 3 * batch
                          * projection_flops(student.config, teacher.config),
                          (teacher, student, setup.ema, setup.projections, opt)),
@@ -372,7 +360,8 @@ def training_rows(option, setup, args, data, device, peak):
     rows = []
     for name, (seconds, spread, warmup_seconds) in timings.items():
         label, flops, resident = plans[name]
-        opt.zero_grad(set_to_none=True)  # gradients count as growth, not as resident state
+        for each in setup.runs.values():  # gradients count as growth, not as resident state
+            each.optimizers["student"].zero_grad(set_to_none=True)
         growth = peak_memory_growth(functions[name], device)
         note = f"distill / (teacher forward + student step) = {ratio:.3f}" if name == "distill step" else ""
         if option["compile"]:
