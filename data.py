@@ -7,9 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from checks import UserError, read_file
+from method import derived_seed
 
 DIGITS_SIZE = 8  # native resolution of scikit-learn's digits
 DIGITS_CLASSES = 10
@@ -238,3 +239,68 @@ def encode_images(vae, x, sample=True, generator=None):
 def decode_latents(vae, z):
     """Scaled latents (N, C, h, w) -> images float32 (N, 3, h*f, w*f), roughly in [-1, 1] (not clamped)."""
     return vae.decode(z.to(vae.device, vae.dtype) / LATENT_SCALE).sample.float()
+
+
+#################################################################################
+#                       What train.py reads, batch by batch                     #
+#################################################################################
+
+def build_dataset(args, device):
+    """train.py's training set and a plain description of what the model denoises; a UserError for a missing path,
+    an empty folder, a bad VAE or fewer examples than --global-batch-size.
+
+    Returns (dataset, data, vae): data = {"image_size", "latent", "vae", "in_channels", "input_size",
+    "num_classes"}; vae is the encoder to run on every batch (image folders) or None.
+    """
+    try:
+        dataset, data, vae = read_dataset(args, device)
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise UserError(str(error)) from None
+    if len(dataset) < args.global_batch_size:
+        raise UserError(f"the data set has {len(dataset)} examples, fewer than --global-batch-size "
+                        f"{args.global_batch_size}")
+    return dataset, data, vae
+
+
+def read_dataset(args, device):
+    from models import VAE_DOWNSAMPLE
+    vae = None
+    if args.data_path:
+        image_size = args.image_size or 256
+        dataset = ImageFolderDataset(args.data_path, image_size)
+        vae = load_vae(args.vae, device)
+        data = dict(image_size=image_size, latent=True, vae=args.vae, in_channels=4,
+                    input_size=image_size // VAE_DOWNSAMPLE, num_classes=len(dataset.class_names))
+    elif args.latents_path:
+        dataset = LatentsDataset(args.latents_path)
+        latent_shape = dataset[0][0].shape
+        data = dict(image_size=dataset.meta["image_size"], latent=True, vae=args.vae or dataset.meta.get("vae"),
+                    in_channels=latent_shape[0], input_size=latent_shape[-1], num_classes=len(dataset.class_names))
+    else:
+        image_size = args.image_size or DIGITS_SIZE
+        dataset = DigitsDataset("train", image_size)
+        data = dict(image_size=image_size, latent=False, vae=None, in_channels=1, input_size=image_size,
+                    num_classes=DIGITS_CLASSES)
+    return dataset, data, vae
+
+
+def rank_batches(dataset, args, rank, world_size, start_step, pin_memory):
+    """Endless batches for this rank, starting at global step start_step.
+
+    Each epoch is one permutation from (seed, epoch); global batch b is its b-th slice of --global-batch-size, and
+    rank r takes the r-th part of that. So the data order depends only on the step (a resumed run continues where it
+    stopped) and N processes together see exactly the batches one process would.
+    """
+    global_batch = args.global_batch_size
+    local_batch = global_batch // world_size
+    steps_per_epoch = len(dataset) // global_batch
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derived_seed(args.seed, "epoch",
+                                                                                                  epoch)))
+        batches = [order[b * global_batch + rank * local_batch: b * global_batch + (rank + 1) * local_batch].tolist()
+                   for b in range(offset, steps_per_epoch)]
+        yield from DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin_memory)
+        epoch, offset = epoch + 1, 0

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import non_negative_float, non_negative_int, positive_float, positive_int, read_file
+from checks import UserError, non_negative_float, non_negative_int, positive_float, positive_int, read_file
 from diffusion import create_diffusion
 from diffusion.diffusion_utils import normal_kl
 from diffusion.gaussian_diffusion import mean_flat
-from method import PlainTraining, derived_seed, freeze
+from method import PlainTraining, check_image_size, derived_seed, freeze
 from models import DiT_models, load_state_dict_strict, model_config
 
 STAGES = ("warmup", "feature", "joint")
@@ -48,7 +48,7 @@ def teacher_block_indices(student_depth, teacher_depth):
     the identity; the last student block always meets the last teacher block.
     """
     if not 1 <= student_depth <= teacher_depth:
-        raise ValueError(f"a student of depth {student_depth} cannot map onto a teacher of depth {teacher_depth}")
+        raise UserError(f"a student of depth {student_depth} cannot map onto a teacher of depth {teacher_depth}")
     return [round((i + 1) * teacher_depth / student_depth) - 1 for i in range(student_depth)]
 
 
@@ -120,7 +120,7 @@ def init_student_from_teacher(student, teacher):
             "learn_sigma")
     mismatched = {k: (student.config[k], teacher.config[k]) for k in keys if student.config[k] != teacher.config[k]}
     if mismatched:
-        raise ValueError(f"--student-init-from-teacher needs a student of the teacher's shape; (student, teacher) "
+        raise UserError(f"--student-init-from-teacher needs a student of the teacher's shape; (student, teacher) "
                          f"differ in {mismatched}; pick the teacher's --student-model and set --student-depth")
     indices = teacher_block_indices(student.config["depth"], teacher.config["depth"])
     with torch.no_grad():
@@ -261,6 +261,7 @@ class SizeDistillation(PlainTraining):
                                                != model_config(args.teacher_model)["hidden_size"]):
             parser.error("--student-init-from-teacher copies teacher blocks, so the student needs the teacher's "
                          "width: use --student-model of the teacher's size with a smaller --student-depth")
+        check_image_size(parser, args, args.student_model)
 
     @staticmethod
     def total_steps(args):

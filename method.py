@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from diffusion import create_diffusion
-from models import EPS_SAMPLING, DiT, DiT_models, model_config
+from models import EPS_SAMPLING, VAE_DOWNSAMPLE, DiT, DiT_models, model_config
 
 DIFFUSION_STEPS = 1000  # DiT's training schedule: t in [0, 1000)
 
@@ -120,6 +120,19 @@ class TrainingMethod:
         return dict(EPS_SAMPLING, method=self.name)
 
 
+def check_image_size(parser, args, name):
+    """--image-size must give model `name` a whole number of patches: pixels for the digits, latents (image / 8) for
+    image folders. (A step-distilled student's size is its teacher's, checked against the data when loaded.)"""
+    if args.image_size is None or name is None:
+        return
+    patch = model_config(name)["patch_size"]
+    multiple = patch * (VAE_DOWNSAMPLE if args.data_path else 1)
+    if args.image_size % multiple:
+        grid = f"latents of image-size / {VAE_DOWNSAMPLE} in patches of {patch}" if args.data_path else \
+            f"patches of {patch}"
+        parser.error(f"--image-size {args.image_size} must be a multiple of {multiple} for {name} ({grid})")
+
+
 def diffusion_draws(generator, batch, shape, class_dropout_prob):
     """What the diffusion loss needs per example: a timestep, the noise and whether the label is dropped."""
     t = torch.randint(0, DIFFUSION_STEPS, (batch,), generator=generator)
@@ -167,6 +180,7 @@ class PlainTraining(TrainingMethod):
             parser.error("plain training needs --model (or pass --distillation)")
         if args.max_steps is None:
             parser.error("plain training needs --max-steps N (N >= 1)")
+        check_image_size(parser, args, args.model)
 
     def randomness(self, generator, batch, shape):
         return diffusion_draws(generator, batch, shape, self.student.config["class_dropout_prob"])

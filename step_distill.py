@@ -245,7 +245,7 @@ def make_student(teacher, teacher_parametrisation, parametrisation, guidance):
     `guidance`. An eps teacher becoming x-eps keeps its eps channels; its variance channels (or, without learned
     sigma, new channels) become x~ with zero weights. Everything else is copied exactly."""
     if teacher_parametrisation == "x-eps" and parametrisation == "eps":
-        raise ValueError("the teacher is already a few-step (x-eps) student; guidance-distil its eps-predicting "
+        raise UserError("the teacher is already a few-step (x-eps) student; guidance-distil its eps-predicting "
                          "teacher instead, or pass --guidance-range to progressive or consistency distillation")
     learn_sigma = True if parametrisation == "x-eps" else teacher.config["learn_sigma"]
     student = DiT(**dict(teacher.config, learn_sigma=learn_sigma,

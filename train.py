@@ -8,17 +8,14 @@
     python train.py --step-distillation consistency --teacher-ckpt results/kd/checkpoints/0003000.pt \
         --sampling-steps 4 --max-steps 1200 --results-dir results/kd-4step
 
-Every recipe is a training method (method.py: the protocol) chosen from METHODS below: plain training (method.py),
-size distillation (distill.py), step distillation (step_distill.py). The method owns its networks, updates, random
-draws, flags and state; this loop gives each the same guarantees: DDP and --compile for every network, one
-backward / clip / finite check / AdamW step per update, EMA, TensorBoard per loss term, exact resume (rerunning the
-same command with the same --results-dir continues from its newest valid checkpoint).
+Every recipe is a training method (method.py: the protocol) from METHODS below; it owns its networks, updates,
+draws, flags and state. This loop gives each the same guarantees: DDP and --compile for every network, one backward /
+clip / finite check / AdamW step per update, EMA, TensorBoard per loss term, and exact resume (rerunning the same
+command with the same --results-dir continues from its newest valid checkpoint).
 """
 import argparse
 import json
-import logging
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,14 +23,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from checkpoints import check_resumable, checkpoint_contents, checkpoint_dir, latest_checkpoint, load_checkpoint
 from checks import (UserError, lock_folder, non_negative_float, non_negative_int, positive_int, probability,
-                    read_file, remove_temporaries, run_script)
+                    remove_temporaries, run_script)
+from data import build_dataset, rank_batches
+from distributed import cleanup, create_logger, exit_after_ddp, setup_distributed
 from distill import SizeDistillation
 from method import PlainTraining, derived_seed
-from models import DiT, DiT_models, model_config, save_checkpoint_atomic, update_ema
+from models import DiT, DiT_models, save_checkpoint_atomic, update_ema
 from sample import SAMPLERS, check_step_count
 from step_distill import ConsistencyDistillation, GuidanceDistillation, ProgressiveDistillation
 
@@ -41,103 +40,11 @@ from step_distill import ConsistencyDistillation, GuidanceDistillation, Progress
 # runs NAME. A new method is one module and one line here.
 METHODS = {"plain": PlainTraining, "distillation": SizeDistillation, "progressive": ProgressiveDistillation,
            "consistency": ConsistencyDistillation, "guidance": GuidanceDistillation}
-# Flags that may change when a run is resumed; any other difference means a different experiment. --results-dir is
-# where the run lives, not what it does: a moved or copied run directory resumes.
-RESUMABLE_CHANGES = {"max_steps", "ckpt_every", "log_every", "sample_every", "sample_sampler", "sample_steps",
-                     "num_workers", "compile", "results_dir"}
 
 
 #################################################################################
-#                             Distributed set-up                                #
+#                                 Training step                                 #
 #################################################################################
-
-def setup_distributed():
-    """torchrun's env vars -> DDP (nccl on CUDA, gloo on CPU); none -> one process on cuda if there, else cpu."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def create_logger(results_dir, rank):
-    """Rank 0 logs to the console and results_dir/log.txt; other ranks log nothing."""
-    logger = logging.getLogger("train")
-    logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(results_dir, "log.txt"))):
-            handler.setFormatter(formatter)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
-
-
-#################################################################################
-#                                    Data                                       #
-#################################################################################
-
-def build_dataset(args, device):
-    """The training set and a plain description of what the model denoises.
-
-    Returns (dataset, data, vae): data = {"image_size", "latent", "vae", "in_channels", "input_size",
-    "num_classes"}; vae is the encoder to run on every batch (image folders) or None.
-    """
-    from data import (DIGITS_CLASSES, DIGITS_SIZE, DigitsDataset, ImageFolderDataset, LatentsDataset, load_vae)
-    from models import VAE_DOWNSAMPLE
-    vae = None
-    if args.data_path:
-        image_size = args.image_size or 256
-        dataset = ImageFolderDataset(args.data_path, image_size)
-        vae = load_vae(args.vae, device)
-        data = dict(image_size=image_size, latent=True, vae=args.vae, in_channels=4,
-                    input_size=image_size // VAE_DOWNSAMPLE, num_classes=len(dataset.class_names))
-    elif args.latents_path:
-        dataset = LatentsDataset(args.latents_path)
-        latent_shape = dataset[0][0].shape
-        data = dict(image_size=dataset.meta["image_size"], latent=True, vae=args.vae or dataset.meta.get("vae"),
-                    in_channels=latent_shape[0], input_size=latent_shape[-1], num_classes=len(dataset.class_names))
-    else:
-        image_size = args.image_size or DIGITS_SIZE
-        dataset = DigitsDataset("train", image_size)
-        data = dict(image_size=image_size, latent=False, vae=None, in_channels=1, input_size=image_size,
-                    num_classes=DIGITS_CLASSES)
-    return dataset, data, vae
-
-
-def rank_batches(dataset, args, rank, world_size, start_step, pin_memory):
-    """Endless batches for this rank, starting at global step start_step.
-
-    Each epoch is one permutation from (seed, epoch); global batch b is its b-th slice of --global-batch-size, and
-    rank r takes the r-th part of that. So the data order depends only on the step (a resumed run continues where it
-    stopped) and N processes together see exactly the batches one process would.
-    """
-    global_batch = args.global_batch_size
-    local_batch = global_batch // world_size
-    steps_per_epoch = len(dataset) // global_batch
-    epoch, offset = divmod(start_step, steps_per_epoch)
-    while True:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derived_seed(args.seed, "epoch",
-                                                                                                  epoch)))
-        batches = [order[b * global_batch + rank * local_batch: b * global_batch + (rank + 1) * local_batch].tolist()
-                   for b in range(offset, steps_per_epoch)]
-        yield from DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin_memory)
-        epoch, offset = epoch + 1, 0
-
-
 
 def step_draws(method, args, data, step, rank, world_size, device):
     """The method's random tensors of this step, drawn for the whole global batch from (seed, step): every rank draws
@@ -148,70 +55,6 @@ def step_draws(method, args, data, step, rank, world_size, device):
     local = args.global_batch_size // world_size
     return {k: v[rank * local: (rank + 1) * local].to(device) for k, v in draws.items()}
 
-
-#################################################################################
-#                                 Checkpoints                                   #
-#################################################################################
-
-def checkpoint_dir(args):
-    return os.path.join(args.results_dir, "checkpoints")
-
-
-def latest_checkpoint(args, logger):
-    """The newest checkpoint in --results-dir that loads, or None; unreadable files are reported and skipped."""
-    folder = checkpoint_dir(args)
-    names = sorted((n for n in os.listdir(folder) if n.endswith(".pt") and n[:-3].isdigit()), reverse=True) \
-        if os.path.isdir(folder) else []
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            return path, torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated or foreign file: fall back to the one before
-            logger.info(f"skipping unreadable checkpoint {path}: {type(error).__name__}: {error}")
-    return None, None
-
-
-def check_resumable(saved_args, args, method):
-    resumable = RESUMABLE_CHANGES - set(method.fixed_on_resume)
-    parser = build_parser()  # a flag newer than the saved run counts as given at its default
-    saved_args = {k: saved_args.get(k, parser.get_default(k)) for k in vars(args)}
-    changed = {k: (saved_args[k], v) for k, v in vars(args).items() if k not in resumable and saved_args[k] != v}
-    if changed:
-        details = ", ".join(f"--{k.replace('_', '-')}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise UserError(f"{args.results_dir} holds a run with other options ({details}); rerun the same command to "
-                        f"resume it, or choose a new --results-dir")
-
-
-def network_key(name):
-    return "model" if name == "student" else name  # "model" and "ema": the original DiT checkpoint's keys
-
-
-def optimizer_key(run, name):
-    return "opt" if name == run.updates[0].name else f"opt_{name}"
-
-
-def checkpoint_contents(args, run, data, step):
-    """One plain-data checkpoint: every trainable network and optimizer, the EMA, the method's state, the options,
-    the student's config, the data and how it samples."""
-    method = run.method
-    return {**{network_key(n): net.state_dict() for n, net in method.trainable.items()}, "ema": run.ema.state_dict(),
-            **{optimizer_key(run, n): opt.state_dict() for n, opt in run.optimizers.items()}, "step": step,
-            **method.state_dict(), "args": vars(args), "config": method.trainable["student"].config,
-            "data": {k: data[k] for k in ("image_size", "latent", "vae")}, "sampling": method.sampling()}
-
-
-def load_checkpoint(run, checkpoint):
-    for name, net in run.method.trainable.items():
-        net.load_state_dict(checkpoint[network_key(name)])
-    run.ema.load_state_dict(checkpoint["ema"])
-    for name, opt in run.optimizers.items():
-        opt.load_state_dict(checkpoint[optimizer_key(run, name)])
-    run.method.load_state_dict(checkpoint)
-
-
-#################################################################################
-#                                 Training step                                 #
-#################################################################################
 
 @dataclass
 class Run:
@@ -234,12 +77,7 @@ def new_optimizer(run, update):
 
 def build_run(args, data, device, world_size):
     """The method of args and everything the loop needs to step it, on device."""
-    try:
-        method = METHODS[method_name(args)](args, data, device)
-    except UserError:
-        raise
-    except ValueError as error:  # a flag value the method refused
-        raise UserError(str(error)) from None
+    method = METHODS[method_name(args)](args, data, device)  # a UserError for a value it refuses
     for net in method.trainable.values():
         net.to(device).train()
     for net in method.frozen.values():
@@ -303,20 +141,6 @@ def train_step(run, step, x0, y, draws):
 #                                     Main                                      #
 #################################################################################
 
-def save_sample_grid(ema, data, sampling, vae, path, step, writer, sampler, num_steps):
-    """EMA samples, unguided: `sampler` in num_steps for a diffusion model, the distilled sampler and steps for a
-    few-step one."""
-    from torchvision.utils import save_image
-    from sample import generate
-    labels = [i % data["num_classes"] for i in range(min(4 * data["num_classes"], 32))]
-    few_step = sampling["sampler"] is not None
-    images = generate(ema, dict(data, sampling=sampling), labels, seed=0,
-                      num_sampling_steps=None if few_step else num_steps, sampler=None if few_step else sampler,
-                      cfg_scale=1.0, vae=vae, progress=False)
-    save_image(images, path, nrow=min(data["num_classes"], 8), normalize=True, value_range=(-1, 1))
-    writer.add_images("samples/ema", (images.clamp(-1, 1) + 1) / 2, step)
-
-
 def main(args):
     rank, world_size, device = setup_distributed()
     try:
@@ -326,14 +150,7 @@ def main(args):
     finally:
         cleanup()
     if world_size > 1:
-        # Constructing DDP leaves a reference to the process group that destroy_process_group cannot drop (torch
-        # 2.14), so gloo's threads outlive it and meet the interpreter's teardown, which has aborted finished runs
-        # (SIGABRT, "terminate called without an active exception"). Everything is written and closed by now: flush
-        # and leave without that teardown.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_after_ddp()
 
 
 def prepare(args, rank, world_size, device, logger):
@@ -341,18 +158,12 @@ def prepare(args, rank, world_size, device, logger):
     if args.global_batch_size % world_size:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
                         f"processes")
-    try:
-        dataset, data, vae = build_dataset(args, device)
-    except (FileNotFoundError, ValueError, OSError) as error:  # a missing path, an empty folder, a bad VAE
-        raise UserError(str(error)) from None
-    if len(dataset) < args.global_batch_size:
-        raise UserError(f"the data set has {len(dataset)} examples, fewer than --global-batch-size "
-                        f"{args.global_batch_size}")
+    dataset, data, vae = build_dataset(args, device)  # or a UserError
     run = build_run(args, data, device, world_size)
     path, checkpoint = latest_checkpoint(args, logger)
     start_step = 0
     if checkpoint is not None:
-        check_resumable(checkpoint["args"], args, run.method)
+        check_resumable(checkpoint["args"], args, run.method, vars(build_parser().parse_args([])))
         load_checkpoint(run, checkpoint)
         start_step = checkpoint["step"]
         logger.info(f"resumed from {path} at step {start_step}")
@@ -401,7 +212,7 @@ def train(args, rank, world_size, device):
     os.makedirs(os.path.join(args.results_dir, "samples"), exist_ok=True)
     if rank == 0:
         remove_temporaries(checkpoint_dir(args))  # of a run killed while it wrote a checkpoint
-    logger = create_logger(args.results_dir, rank)
+    logger = create_logger("train", os.path.join(args.results_dir, "log.txt"), rank)
     writer = SummaryWriter(os.path.join(args.results_dir, "tensorboard")) if rank == 0 else None
     dataset, data, vae, run, start_step = prepare(args, rank, world_size, device, logger)
     total_steps = run.method.total_steps(args)
@@ -412,8 +223,7 @@ def train(args, rank, world_size, device):
         message, restarts = run.method.begin_step(step, run.ema)  # a new stage or round
         if message:
             logger.info(message)
-        for name in restarts:
-            run.optimizers[name] = new_optimizer(run, next(u for u in run.updates if u.name == name))
+        run.optimizers.update({u.name: new_optimizer(run, u) for u in run.updates if u.name in restarts})
         torch.manual_seed(derived_seed(args.seed, "global", step, rank))  # anything else random (VAE sampling)
         x, y = (v.to(device, non_blocking=True) for v in next(batches))
         if vae is not None:
@@ -450,17 +260,25 @@ def train(args, rank, world_size, device):
     logger.info("done")
 
 
-def sample_grid(args, run, data, vae, done, writer, device, logger):
-    """An EMA sample grid into --results-dir/samples (latents need a VAE to decode: loaded once, then kept)."""
+def sample_grid(args, run, data, vae, step, writer, device, logger):
+    """EMA samples, unguided, into --results-dir/samples: --sample-sampler in --sample-steps for a diffusion model, its
+    own sampler and steps for a few-step one. Latents need a VAE to decode: loaded once, then kept (returned)."""
+    from torchvision.utils import save_image
+    from sample import generate
     if data["latent"] and vae is None and data["vae"] is None:
         logger.info("no sample grid: pass --vae to decode latents")
         return vae
     if data["latent"] and vae is None:
         from data import load_vae
         vae = load_vae(data["vae"], device)
-    save_sample_grid(run.ema, data, run.method.sampling(), vae,
-                     os.path.join(args.results_dir, "samples", f"{done:07d}.png"), done, writer,
-                     args.sample_sampler, args.sample_steps)
+    labels = [i % data["num_classes"] for i in range(min(4 * data["num_classes"], 32))]
+    sampling = run.method.sampling()
+    own = sampling["sampler"] is not None  # a few-step student
+    images = generate(run.ema, dict(data, sampling=sampling), labels, 0, None if own else args.sample_steps,
+                      None if own else args.sample_sampler, cfg_scale=1.0, vae=vae, progress=False)
+    path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
+    save_image(images, path, nrow=min(data["num_classes"], 8), normalize=True, value_range=(-1, 1))
+    writer.add_images("samples/ema", (images.clamp(-1, 1) + 1) / 2, step)
     return vae
 
 
@@ -472,7 +290,7 @@ def method_name(args):
     return args.step_distillation or ("distillation" if args.distillation else "plain")
 
 
-def describe_method(name):
+def describe_method(name):  # as the user names it
     return {"plain": "plain training", "distillation": "--distillation"}.get(name, f"--step-distillation {name}")
 
 
@@ -507,26 +325,10 @@ def check_args(parser, args):
             parser.error(f"--sample-sampler {args.sample_sampler} --sample-steps {args.sample_steps}: {error}")
     if args.latents_path and args.image_size:
         parser.error("--image-size is read from the latents folder; drop it with --latents-path")
-    check_image_size(parser, args)
     if args.data_path and not args.vae:
         args.vae = "ema"
     if args.num_workers is None:
         args.num_workers = 0 if not (args.data_path or args.latents_path) else 4
-
-
-def check_image_size(parser, args):
-    """--image-size must give the model a whole number of patches: pixels for the digits, latents (image / 8) for
-    image folders. (A step-distilled student's size is its teacher's, checked against the data when loaded.)"""
-    name = args.student_model if args.distillation else args.model
-    if args.image_size is None or name is None:
-        return
-    from models import VAE_DOWNSAMPLE
-    patch = model_config(name)["patch_size"]
-    multiple = patch * (VAE_DOWNSAMPLE if args.data_path else 1)
-    if args.image_size % multiple:
-        grid = f"latents of image-size / {VAE_DOWNSAMPLE} in patches of {patch}" if args.data_path else \
-            f"patches of {patch}"
-        parser.error(f"--image-size {args.image_size} must be a multiple of {multiple} for {name} ({grid})")
 
 
 def parse_args(argv=None):
@@ -545,8 +347,7 @@ def build_parser():
     source.add_argument("--data", choices=["digits"], default=None, help="the embedded digits (the default)")
     source.add_argument("--data-path", default=None, help="ImageNet-style folder of class folders (VAE in the loop)")
     source.add_argument("--latents-path", default=None, help="folder of latents written by extract_latents.py")
-    data.add_argument("--image-size", type=positive_int, default=None,
-                      help="image size in pixels (digits 8, folders 256)")
+    data.add_argument("--image-size", type=positive_int, default=None, help="in pixels (digits 8, folders 256)")
     data.add_argument("--vae", default=None, help="VAE (ema, mse, a local folder or hub id) to encode --data-path "
                                                   "(default ema) or decode --latents-path sample grids")
     data.add_argument("--num-workers", type=non_negative_int, default=None,
@@ -564,10 +365,8 @@ def build_parser():
     parser.method_flags = add_method_args(parser)
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max-steps", type=positive_int, default=None,
-                       help="training steps (plain training and step distillation)")
-    optim.add_argument("--global-batch-size", type=positive_int, default=256,
-                       help="batch size summed over all processes")
+    optim.add_argument("--max-steps", type=positive_int, default=None, help="training steps (not --distillation)")
+    optim.add_argument("--global-batch-size", type=positive_int, default=256, help="summed over all processes")
     optim.add_argument("--lr", type=non_negative_float, default=1e-4,
                        help="AdamW learning rate of the student (constant, as the original)")
     optim.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
@@ -579,21 +378,17 @@ def build_parser():
                        help="bf16 autocast (fp16 is not offered: DiT-XL/2 goes NaN in it)")
     optim.add_argument("--compile", action="store_true", help="torch.compile every network")
     optim.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    optim.add_argument("--seed", type=non_negative_int, default=0,
-                       help="seed of the data order, noise, timesteps and drops")
+    optim.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data order and every draw")
 
     run = parser.add_argument_group("run")
     run.add_argument("--results-dir", default="results/run", help="run folder; rerunning resumes from it")
     run.add_argument("--log-every", type=positive_int, default=100, help="steps between logged (averaged) losses")
-    run.add_argument("--ckpt-every", type=positive_int, default=50_000,
-                     help="steps between checkpoints (and at the end)")
-    run.add_argument("--sample-every", type=non_negative_int, default=0,
-                     help="steps between EMA sample grids (0: none)")
+    run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints (and the end)")
+    run.add_argument("--sample-every", type=non_negative_int, default=0, help="steps between EMA sample grids (0: no)")
     run.add_argument("--sample-sampler", choices=[name for name in SAMPLERS if name != "consistency"],
                      default="dpm++2m",
                      help="sampler of those grids (a step-distilled student always uses its own): sample.py's")
-    run.add_argument("--sample-steps", type=positive_int, default=20,
-                     help="its steps (dpm++2m 20 matches ddim 50, README)")
+    run.add_argument("--sample-steps", type=positive_int, default=20, help="its steps (dpm++2m 20 ~ ddim 50, README)")
     return parser
 
 
