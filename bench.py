@@ -4,7 +4,7 @@
     python bench.py --preset cpu-small --out results/bench  # DiT-Digits-T vs DiT-Digits-S on 64 px latents
     python bench.py --preset gpu-full --out results/bench   # DiT-XL/2 vs DiT-S/2 at 256 px, bf16 (the GPU default)
 
-Everything runs through the project's own code: sample.sample_batch for sampling; train.build_run and
+Everything runs through the project's own code: sampling.sample_batch for sampling; train.build_run and
 train.train_step for training (the loop's own step: size distillation's joint stage with the teacher's features, and
 with every KD weight 0 the student's plain step); data.encode_images, data.LatentsDataset and
 train.rank_batches for the input pipeline. Weights are random (DiT's initialisation); speed does not depend on them.
@@ -43,7 +43,7 @@ from distill import teacher_block_indices
 from experiments import synchronize, time_side_by_side
 from models import (VAE_DOWNSAMPLE, DiT, DiT_models, flops_per_forward, model_config, multiply_adds_per_forward,
                     projection_flops)
-from sample import sample_batch
+from sampling import sample_batch
 import train
 
 PRESETS = {
@@ -264,7 +264,7 @@ def cuda_graph_denoiser(model, batch, precision, device):
 #################################################################################
 
 def sampling_rows(option, label, model, cases, setup, args, device, peak, timed_model=None):
-    """One row per (batch, cfg, sampler) case: sample.sample_batch on `timed_model` (default: model itself)."""
+    """One row per (batch, cfg, sampler) case: sampling.sample_batch on `timed_model` (default: model itself)."""
     timed_model = model if timed_model is None else timed_model
     config = model.config
     functions, plans = {}, {}

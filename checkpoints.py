@@ -63,7 +63,7 @@ def checkpoint_contents(args, run, data, step):
     return {**{network_key(n): net.state_dict() for n, net in method.trainable.items()}, "ema": run.ema.state_dict(),
             **{optimizer_key(run, n): opt.state_dict() for n, opt in run.optimizers.items()}, "step": step,
             **method.state_dict(), "args": vars(args), "config": method.trainable["student"].config,
-            "data": {k: data[k] for k in ("image_size", "latent", "vae")}, "sampling": method.sampling()}
+            "data": {k: data[k] for k in ("image_size", "latent", "vae")}, "sampling": method.sampling().to_dict()}
 
 
 def load_checkpoint(run, checkpoint):

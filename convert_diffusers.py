@@ -43,6 +43,7 @@ import dit_pipeline
 from checks import UserError, number_in, positive_int, run_script
 from dit_pipeline import OriginalDiTTransformer2DModel, XEpsDiTTransformer2DModel, use_original_timestep_frequencies
 from models import DiT, DiT_models, load_dit_checkpoint, save_checkpoint_atomic
+from sampling import SamplingSpec, solver_scheduler
 
 DIT_NORM_EPS = 1e-6  # the original DiT's layer-norm epsilon
 # config.json's _class_name -> the class that loads it (Transformer2DModel: the Hub's older name of diffusers' DiT)
@@ -245,14 +246,14 @@ def write_folder_atomic(write, folder):
 
 def project_transformer(model, data):
     """The DiT as the dit_pipeline transformer that computes what it computes, and the SIDECAR entries."""
-    sampling = data["sampling"]
+    spec = SamplingSpec.from_checkpoint_entry(data["sampling"])
     if model.w_embedder is not None:
-        raise UserError(f"this is a {sampling['method']}-distilled student that takes the guidance scale w as an "
+        raise UserError(f"this is a {spec.method}-distilled student that takes the guidance scale w as an "
                          f"input, which diffusers' DiTTransformer2DModel has no place for; convert its teacher, or "
                          f"sample it with sample.py / export.py")
-    x_eps = sampling["parametrisation"] == "x-eps"
+    x_eps = spec.parametrisation == "x-eps"
     transformer = dit_to_diffusers(model, XEpsDiTTransformer2DModel if x_eps else OriginalDiTTransformer2DModel)
-    sidecar = {"data": {k: v for k, v in data.items() if k != "sampling"}, "sampling": sampling,
+    sidecar = {"data": {k: v for k, v in data.items() if k != "sampling"}, "sampling": spec.to_dict(),
                "class_dropout_prob": model.config["class_dropout_prob"]}
     return transformer, sidecar
 
@@ -260,11 +261,10 @@ def project_transformer(model, data):
 def pipeline_scheduler(data):
     """The scheduler a pipeline folder carries: a step-distilled student's own sampler (FewStepScheduler), else
     DPM-Solver++ 2M, the main job's sampler (README), set up as sample.py --sampler dpm++2m."""
-    from sample import solver_scheduler
-    sampling, clip = data["sampling"], not data["latent"]
-    if sampling["sampler"] is None:
+    spec, clip = SamplingSpec.from_checkpoint_entry(data["sampling"]), not data["latent"]
+    if spec.sampler is None:
         return solver_scheduler("dpm++2m", clip)
-    return dit_pipeline.FewStepScheduler(sampling["sampler"], sampling["consistency_skip"] or 1, clip)
+    return dit_pipeline.FewStepScheduler(spec.sampler, spec.consistency_skip or 1, clip)
 
 
 def pipeline_decoder(data, vae):
@@ -306,7 +306,10 @@ def read_diffusers(folder, class_dropout_prob=None, allow_unshared_embedders=Fal
         class_dropout_prob = sidecar.get("class_dropout_prob", 0.1)
     model = dit_from_diffusers(folder, class_dropout_prob, allow_unshared_embedders)
     data = sidecar.get("data") or {"image_size": model.config["input_size"] * 8, "latent": True, "vae": None}
-    return model, {"data": data, **({"sampling": sidecar["sampling"]} if "sampling" in sidecar else {})}
+    entries = {"data": data}
+    if "sampling" in sidecar:
+        entries["sampling"] = SamplingSpec.from_checkpoint_entry(sidecar["sampling"]).to_dict()
+    return model, entries
 
 
 def parse_args(argv=None):

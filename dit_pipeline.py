@@ -11,8 +11,8 @@
   label at num_classes (DiTPipeline passes 1000 whatever the model's class count). Same weights, same file layout.
 - XEpsDiTTransformer2DModel: a step-distilled student (progressive, consistency), whose two output groups are
   (eps~, x~); it returns its x_0 estimate (and zeros where DiTPipeline expects the learned variance).
-- FewStepScheduler: the samplers such students are distilled for (sample.py's ddim-trailing and consistency), as a
-  diffusers scheduler that takes that x_0.
+- FewStepScheduler: the samplers such students are distilled for (sampling.py's ddim-trailing and consistency), as
+  a diffusers scheduler that takes that x_0, at the timesteps sampling.SAMPLERS declares for them.
 - PixelDecoder: the identity in place of the VAE of a pixel-space model (DiTPipeline always decodes).
 """
 import functools
@@ -24,8 +24,8 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from step_distill import DIFFUSION_STEPS, alpha_sigma, consistency_boundary, ddim_step, predict_x0_eps, q_sample, \
-    trailing_timesteps
+from sampling import (DIFFUSION_STEPS, SAMPLERS, SamplingSpec, alpha_sigma, consistency_boundary, ddim_step,
+                      predict_x0_eps, q_sample)
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class for guidance, fixed for ImageNet's 1000 classes
 
@@ -69,7 +69,7 @@ class XEpsDiTTransformer2DModel(OriginalDiTTransformer2DModel):
 
 
 class FewStepScheduler(SchedulerMixin, ConfigMixin):
-    """sample.py's few-step samplers on DiT's schedule, fed the x_0 of XEpsDiTTransformer2DModel:
+    """sampling.py's few-step samplers on DiT's schedule, fed the x_0 of XEpsDiTTransformer2DModel:
     - "ddim-trailing" (progressive students): deterministic DDIM on the trailing grid, ending at x_0;
     - "consistency": multistep consistency sampling (Song et al. 2023, Algorithm 1) on the trailing grid of every
       consistency_skip-th timestep, f = c_skip x_t + c_out x_0, re-noised with torch's global RNG between steps
@@ -86,15 +86,17 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         if num_train_timesteps != DIFFUSION_STEPS:
             raise ValueError(f"DiT's schedule has {DIFFUSION_STEPS} timesteps, not {num_train_timesteps}")
         self.init_noise_sigma = 1.0
-        self.timesteps = torch.tensor(trailing_timesteps(1, self.stride))
+        self.timesteps = torch.tensor(self.sampler_timesteps(1))
         self.num_inference_steps = None
 
-    @property
-    def stride(self):
-        return self.config.consistency_skip if self.config.sampler == "consistency" else 1
+    def sampler_timesteps(self, num_steps):
+        """The timesteps SAMPLERS declares for this sampler (a consistency student's grid of consistency_skip)."""
+        spec = SamplingSpec(parametrisation="x-eps", sampler=self.config.sampler,
+                            consistency_skip=self.config.consistency_skip)
+        return SAMPLERS[self.config.sampler].timesteps(num_steps, spec)
 
     def set_timesteps(self, num_inference_steps, device=None):
-        self.timesteps = torch.tensor(trailing_timesteps(num_inference_steps, self.stride), device=device)
+        self.timesteps = torch.tensor(self.sampler_timesteps(num_inference_steps), device=device)
         self.num_inference_steps = num_inference_steps
 
     def scale_model_input(self, sample, timestep=None):

@@ -105,7 +105,7 @@ def digits_labels(num_samples):
 
 def forwards_per_image(model, data, settings):
     """Model evaluations of one image under generate settings (a few-step student's own steps where not given)."""
-    from sample import forwards_per_step
+    from sampling import forwards_per_step
     steps = settings["num_sampling_steps"] or data["sampling"]["default_steps"]
     return steps * forwards_per_step(model, settings["cfg_scale"])
 

@@ -42,19 +42,16 @@ import torch.nn as nn
 
 from checks import check_output_path, non_negative_float, positive_int, run_script
 from data import LATENT_SCALE, DigitsDataset, LatentsDataset
-from diffusion import create_diffusion
 from diffusion.gaussian_diffusion import get_named_beta_schedule
-from diffusion.respace import space_timesteps
 from models import DiT_models, load_dit_checkpoint
-from step_distill import trailing_timesteps
 from run_exported import METADATA_FILE, METADATA_KEY, quiet_torchscript_deprecation
+from sampling import DIFFUSION_STEPS, SAMPLERS, SamplingSpec, classifier_free_guidance, leading_timesteps, q_sample
 
 EXTENSIONS = {"torchscript": ".ts", "onnx": ".onnx", "exported": ".pt2"}
 # The dynamo exporter's lowest native opset. Asking it for 17 runs a version converter that (torch 2.14, onnx 1.23)
 # leaves opset-18 Split attributes in the graph, a model onnx.checker rejects.
 ONNX_OPSET = 18
 ONNX_PROTOBUF_LIMIT = 2 ** 31 - 1  # bigger ONNX files keep their weights in OUT.data beside them
-DIFFUSION_STEPS = 1000  # DiT's training schedule: linear betas over 1000 steps (create_diffusion's default)
 VERIFY_BATCH_SIZES = (1, 8)  # a dynamic-batch export is checked and timed at these (it is traced at batch 2)
 FP32_TOLERANCE = 1e-4  # relative error an fp32 export may have against the eager model
 FP16_TOLERANCE = 0.01  # an fp16 export further than this from fp32 is broken (the digits student: 4e-4)
@@ -84,7 +81,6 @@ class Denoiser(nn.Module):
         self.model = model
         self.cfg_scale = cfg_scale
         self.null_label = model.config["num_classes"]
-        self.cfg_channels = min(3, model.in_channels)  # forward_with_cfg's default: DiT guides 3 of 4 latent channels
 
     def forward(self, x, t, y, w=None):
         if w is not None:  # a guidance-distilled model: the guidance scale is an input, one forward
@@ -95,9 +91,7 @@ class Denoiser(nn.Module):
         null = torch.full_like(y, self.null_label)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C_out, H, W)
         cond, uncond = out.unflatten(0, (2, -1)).unbind(0)  # each (N, C_out, H, W)
-        g = self.cfg_channels
-        guided = uncond[:, :g] + self.cfg_scale * (cond[:, :g] - uncond[:, :g])
-        return torch.cat([guided, cond[:, g:]], dim=1)  # (N, C_out, H, W)
+        return classifier_free_guidance(cond, uncond, self.cfg_scale, self.model.in_channels)  # (N, C_out, H, W)
 
 
 def quantize_int8(model):
@@ -119,11 +113,11 @@ def export_metadata(model, data, args, precision):
     config = model.config
     betas = get_named_beta_schedule("linear", DIFFUSION_STEPS)
     size, channels = config["input_size"], config["in_channels"]
-    sampling = data["sampling"]
+    spec = SamplingSpec.from_checkpoint_entry(data["sampling"])
     takes_w = model.w_embedder is not None
-    w_input = {"w": f"float32 (N,) guidance scales in {sampling['guidance_range']}"} if takes_w else {}
+    w_input = {"w": f"float32 (N,) guidance scales in {list(spec.guidance_range)}"} if takes_w else {}
     head = ("eps~ then x~ (x-eps: x_0 = sigma_t^2 x~ + alpha_t (x_t - sigma_t eps~))"
-            if sampling["parametrisation"] == "x-eps" else
+            if spec.parametrisation == "x-eps" else
             "eps" + (", then the learned variance" if config["learn_sigma"] else ""))
     return {
         "format": args.format, "precision": precision,
@@ -138,7 +132,7 @@ def export_metadata(model, data, args, precision):
                    "y": f"int32 (N,) class labels in [0, {config['num_classes']})", **w_input},
         "output": f"float32 (N, {model.out_channels}, {size}, {size}): {head}"
                   + (f", guided with scale {args.cfg_scale}" if args.cfg_scale is not None else ""),
-        "sampling": sampling,
+        "sampling": spec.to_dict(),
         "diffusion": {"schedule": "linear", "num_timesteps": len(betas), "beta_start": float(betas[0]),
                       "beta_end": float(betas[-1])},
         "model_config": config, "source": os.path.basename(args.ckpt), "torch": torch.__version__,
@@ -397,13 +391,12 @@ def write_onnx_fp16(fp32_path, fp16_path, metadata):
 #################################################################################
 
 def sampler_timesteps(sampling, ddim_steps):
-    """The timesteps the model's own sampler visits: a step-distilled student's few-step grid at its default steps,
-    else those of DDIM with ddim_steps steps."""
-    if sampling["sampler"] == "consistency":
-        return trailing_timesteps(sampling["default_steps"], sampling["consistency_skip"])
-    if sampling["sampler"] is not None:  # ddim-trailing
-        return trailing_timesteps(sampling["default_steps"])
-    return sorted(space_timesteps(DIFFUSION_STEPS, f"ddim{ddim_steps}"), reverse=True)
+    """The timesteps the model's own sampler calls it at (SAMPLERS' own list): a step-distilled student's few-step
+    grid at its default steps, else those of DDIM with ddim_steps steps."""
+    spec = SamplingSpec.from_checkpoint_entry(sampling)
+    if spec.sampler is None:
+        return SAMPLERS["ddim"].timesteps(ddim_steps, spec)
+    return SAMPLERS[spec.sampler].timesteps(spec.default_steps, spec)
 
 
 def training_data(config, data, num_samples, latents_path, generator):
@@ -435,10 +428,10 @@ def calibration_set(config, data, num_samples, ddim_steps, latents_path=None, se
     timesteps = torch.tensor(sampler_timesteps(data["sampling"], ddim_steps))
     t = timesteps[torch.randperm(num_samples, generator=generator) % len(timesteps)]
     noise = torch.randn(x0.shape, generator=generator)
-    x = create_diffusion("").q_sample(x0, t, noise)
+    x = q_sample(x0, t, noise)
     calibration = {"x": x.float().numpy(), "t": t.float().numpy(), "y": labels.int().numpy()}
     if config.get("guidance_embed"):
-        low, high = data["sampling"]["guidance_range"]
+        low, high = SamplingSpec.from_checkpoint_entry(data["sampling"]).guidance_range
         calibration["w"] = (low + (high - low) * torch.rand(num_samples, generator=generator)).numpy()
     return calibration
 
@@ -603,13 +596,14 @@ def main(args):
     if args.cfg_scale is not None and config["class_dropout_prob"] <= 0:
         raise ValueError("--cfg-scale needs the null label, but this model was trained without label dropout "
                          "(class_dropout_prob 0); drop --cfg-scale")
+    spec = SamplingSpec.from_checkpoint_entry(data["sampling"])
     if args.cfg_scale is not None and model.w_embedder is not None:
         raise ValueError(f"{args.ckpt} is guidance-distilled: the guidance scale is an input of the exported file "
-                         f"(w, in {data['sampling']['guidance_range']}); drop --cfg-scale")
-    if args.calib_steps is not None and data["sampling"]["sampler"] is not None:
-        raise ValueError(f"{args.ckpt} samples with its own {data['sampling']['sampler']} sampler, whose timesteps "
+                         f"(w, in {list(spec.guidance_range)}); drop --cfg-scale")
+    if args.calib_steps is not None and spec.sampler is not None:
+        raise ValueError(f"{args.ckpt} samples with its own {spec.sampler} sampler, whose timesteps "
                          f"calibrate it; drop --calib-steps")
-    guidance_range = data["sampling"]["guidance_range"] if model.w_embedder is not None else None
+    guidance_range = spec.guidance_range if model.w_embedder is not None else None
     keys = "xtyw" if guidance_range else "xty"
     os.makedirs(os.path.dirname(os.path.abspath(output_paths(args)["fp32"])), exist_ok=True)
 
@@ -701,7 +695,7 @@ def parse_args(argv=None):
     args.calib_samples = CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
     if args.calib_steps is not None:
         try:
-            space_timesteps(DIFFUSION_STEPS, f"ddim{args.calib_steps}")
+            leading_timesteps(args.calib_steps)
         except ValueError as error:
             parser.error(f"--calib-steps {args.calib_steps}: {error}; try 10, 25 or 50")
     if args.calib_latents is not None and not os.path.isdir(args.calib_latents):

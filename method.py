@@ -18,7 +18,7 @@ A method is an object that owns everything that differs between training recipes
   check_args(parser, args) validates them.
 - state: begin_step (a new stage or round: a message, and the updates whose optimizer restarts), end_step, label,
   scalars (what it logs beside its loss terms), state_dict / load_state_dict (what its checkpoint keeps beyond the
-  networks and optimizers), sampling() (the checkpoint's "sampling" entry).
+  networks and optimizers), sampling() (a sampling.SamplingSpec: the checkpoint's "sampling" entry).
 
 Adding a method is one module with such a class and one line in train.py's METHODS.
 """
@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from diffusion import create_diffusion
-from models import EPS_SAMPLING, VAE_DOWNSAMPLE, DiT, DiT_models, model_config
-
-DIFFUSION_STEPS = 1000  # DiT's training schedule: t in [0, 1000)
+from models import VAE_DOWNSAMPLE, DiT, DiT_models, model_config
+from sampling import DIFFUSION_STEPS, SamplingSpec
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,8 @@ class TrainingMethod:
         return ""
 
     def sampling(self):
-        return dict(EPS_SAMPLING, method=self.name)
+        """How the student samples (sampling.SamplingSpec; its to_dict() is the checkpoint's "sampling" entry)."""
+        return SamplingSpec(method=self.name)
 
 
 def check_image_size(parser, args, name):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checks import UserError, read_file, write_atomically
+from sampling import SamplingSpec, classifier_free_guidance, guided_channels
 
 
 # The guidance scale is embedded as w * 1000 (as LCM does): the sinusoidal frequencies were made for timesteps
@@ -293,18 +294,16 @@ class DiT(nn.Module):
         """
         Classifier-free guidance in one batched pass: the first half of x is used twice, y holds the conditional
         labels for the first half and null labels for the second. cfg_channels: how many leading output channels are
-        guided. The original guides 3 for reproducibility (not all 4 latent channels); we keep that, capped at
-        in_channels so a 1-channel pixel model never guides its variance channel.
+        guided (default: sampling.guided_channels, min(3, in_channels): the original's 3 for latents).
         """
-        cfg_channels = min(3, self.in_channels) if cfg_channels is None else cfg_channels
         half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)  # (N, C, H, W)
-        model_out = self.forward(combined, t, y)  # (N, C_out, H, W)
-        eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        combined = torch.cat([half, half], dim=0)  # (2N, C, H, W)
+        model_out = self.forward(combined, t, y)  # (2N, C_out, H, W)
+        cond, uncond = torch.split(model_out, len(model_out) // 2, dim=0)  # each (N, C_out, H, W)
+        guided = classifier_free_guidance(cond, uncond, cfg_scale, self.in_channels, cfg_channels)  # (N, C_out, H, W)
+        # As the original: both halves carry the guided channels, each half its own unguided (variance) channels.
+        g = guided_channels(self.in_channels, cfg_channels)
+        return torch.cat([guided, torch.cat([guided[:, :g], uncond[:, g:]], dim=1)], dim=0)  # (2N, C_out, H, W)
 
     def enable_gradient_checkpointing(self, enabled=True):
         self.gradient_checkpointing = enabled
@@ -378,11 +377,6 @@ def model_config(name, **overrides):
 #################################################################################
 
 VAE_DOWNSAMPLE = 8  # the Stable Diffusion VAE maps 8x8 pixels to one latent: 256px images are 32x32 latents
-# How a checkpoint samples (its "sampling" entry): what every DiT trained on the diffusion loss, the official ones
-# included, says. Step-distilled checkpoints carry their own (step_distill.py): the x-eps parametrisation, the
-# sampler and step counts they were distilled for, and the guidance range their w input takes.
-EPS_SAMPLING = {"method": "plain", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
-                "guidance_range": None, "consistency_skip": None}
 
 
 def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None):
@@ -392,7 +386,8 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
     (in image pixels, latents are image_size / 8) and num_classes (default 1000), as the original sample.py does.
     data describes what the model denoises and how it samples: {"image_size": pixels, "latent": bool, "vae": name or
     path or None (None: the checkpoint does not say which VAE; a raw state_dict is taken as a latent model),
-    "sampling": the checkpoint's sampling entry (EPS_SAMPLING for checkpoints without one)}.
+    "sampling": the checkpoint's sampling entry as a plain dict, read by sampling.SamplingSpec (the eps defaults,
+    EPS_SAMPLING, for what an older checkpoint lacks)}.
     """
     checkpoint = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
                            "truncated, or not a DiT checkpoint: pass a complete one (a run keeps its older ones)")
@@ -420,7 +415,7 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
     load_state_dict_strict(model, state_dict, f"{path} (for a raw state_dict check --model, --image-size and "
                                               f"--num-classes)")
     sampling = checkpoint.get("sampling") if is_training_checkpoint else None
-    return model.eval(), dict(data, sampling=dict(EPS_SAMPLING, **(sampling or {})))
+    return model.eval(), dict(data, sampling=SamplingSpec.from_checkpoint_entry(sampling).to_dict())
 
 
 def load_state_dict_strict(model, state_dict, source):

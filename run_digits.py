@@ -190,7 +190,7 @@ def save_loss_curves(args):
 
 def write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown):
     from models import flops_per_forward, load_dit_checkpoint
-    from sample import forwards_per_step
+    from sampling import forwards_per_step
     lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
              f"Command: `python run_digits.py --out {args.out}` (seed {args.seed}). Samples: {args.num_samples} "
              f"per model (classes 0-9 in turn, the same initial noise for every model), {args.sampler} {args.steps} "

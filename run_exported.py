@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -32,7 +33,9 @@ METADATA_KEY = "dit_export"  # ONNX metadata_props key holding the metadata as J
 METADATA_FILE = "dit_export.json"  # the same JSON as an extra file inside TorchScript and .pt2 archives
 FORMATS = {".ts": "torchscript", ".onnx": "onnx", ".pt2": "exported"}
 WARMUP_RUNS = 3  # untimed runs per file and batch size before timing (first-call allocations, caches)
-PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "distill", "step_distill", "evaluate")
+PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "sampling", "distill", "step_distill",
+                   "evaluate", "checks")
+TEMPORARY_PREFIX = ".tmp-"  # checks.TEMPORARY_PREFIX, so checks.remove_temporaries clears what a killed run left
 
 
 @contextlib.contextmanager
@@ -165,11 +168,16 @@ def ddim_sample(denoise, noise, labels, metadata, num_steps):
     return x.astype(np.float32)
 
 
-# Step-distilled students (step_distill.py holds the torch originals; tests hold the two equal). Their files say
-# how they sample in metadata["sampling"]: the x-eps parametrisation, the sampler, its step counts and guidance range.
+# Step-distilled students (sampling.py holds the torch originals; tests hold the two equal). Their files say how
+# they sample in metadata["sampling"]: the x-eps parametrisation, the sampler, its step counts and guidance range.
 EPS_SAMPLING = {"method": "plain", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
                 "guidance_range": None, "consistency_skip": None}
-CONSISTENCY_SIGMA_DATA, CONSISTENCY_TIMESTEP_SCALE = 0.5, 10.0  # LCM's boundary scalings, as step_distill.py
+CONSISTENCY_SIGMA_DATA, CONSISTENCY_TIMESTEP_SCALE = 0.5, 10.0  # LCM's boundary scalings, as sampling.py
+
+
+def sampling_entry(metadata):
+    """metadata["sampling"] with the eps defaults for what a file lacks (sampling.SamplingSpec's reader, in dicts)."""
+    return dict(EPS_SAMPLING, **(metadata.get("sampling") or {}))
 
 
 def trailing_timesteps(num_steps, stride=1, num_timesteps=1000):
@@ -201,7 +209,7 @@ def x0_and_eps(output, x, alpha, sigma, parametrisation, clip):
 def few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w=None):
     """ddim-trailing (deterministic DDIM from t = 999, ending at x_0) or multistep consistency sampling (x_0 = f(x, t),
     re-noised to the next grid point with step_noise[i]), as metadata["sampling"]["sampler"] says."""
-    sampling = metadata.get("sampling") or EPS_SAMPLING
+    sampling = sampling_entry(metadata)
     alpha_bar = np.concatenate([[1.0], alphas_cumprod(metadata)])  # index t + 1: t = -1 is the clean end
     clip = not metadata["latent"]
     x, y = noise.astype(np.float64), labels.astype(np.int32)
@@ -235,7 +243,7 @@ def sampling_plan(metadata, num_steps=None, cfg_scale=None, sampler=None):
     """(sampler, steps, w) for a file: its own sampler and step count by default (DDIM 50 for a noise-predicting
     model); w for a guidance-distilled one (default 1 if its range holds it, else the range's low end). Errors say
     what the file supports."""
-    sampling = metadata.get("sampling") or EPS_SAMPLING
+    sampling = sampling_entry(metadata)
     own = sampling["sampler"]
     if sampler is not None and own is not None and sampler != own:
         raise ValueError(f"this {sampling['method']}-distilled model samples with its own {own} sampler: drop "
@@ -261,7 +269,7 @@ def sampling_plan(metadata, num_steps=None, cfg_scale=None, sampler=None):
     return sampler, num_steps, w
 
 
-# diffusers' solvers, as sample.py's SOLVERS and DIT_SCHEDULE (a test holds the copies equal): they run through
+# diffusers' solvers, as sampling.py's SOLVERS and DIT_SCHEDULE (a test holds the copies equal): they run through
 # diffusers itself, which a target without it lacks; DDIM and the few-step samplers above need numpy only.
 SOLVERS = {
     "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
@@ -273,7 +281,7 @@ SOLVER_DEFAULT_STEPS = 20
 
 
 def solver_sample(denoise, noise, labels, metadata, num_steps, name, w=None):
-    """diffusers' solver `name` on the file's eps (its first C output channels), as sample.py's solver samplers:
+    """diffusers' solver `name` on the file's eps (its first C output channels), as sampling.py's solver samplers:
     trailing grid, x_0 clamped to [-1, 1] for pixel models (thresholding with sample_max_value 1; Euler: none)."""
     try:
         import diffusers
@@ -295,6 +303,32 @@ def solver_sample(denoise, noise, labels, metadata, num_steps, name, w=None):
         x = scheduler.step(torch.from_numpy(np.ascontiguousarray(output[:, :noise.shape[1]], dtype=np.float32)), t,
                            x).prev_sample
     return x.numpy().astype(np.float32)
+
+
+def write_atomically(path, write):
+    """checks.write_atomically, written out because this file imports no project module (a test holds the two alike):
+    write(temporary) into a temporary file beside `path`, fsync it, rename it onto `path`, fsync the folder; a crash
+    leaves the old file or the new one, never part of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=os.path.splitext(path)[1])
+    os.close(descriptor)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it open()'s usual permissions
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def batched(denoise, batch_size):
@@ -423,14 +457,14 @@ def main(args):
                      args.sampler)
     seconds = time.perf_counter() - start
     if metadata["latent"]:
-        np.savez(args.out, arr_0=samples, arr_1=labels)
+        write_atomically(args.out, lambda temporary: np.savez(temporary, arr_0=samples, arr_1=labels))
         vae = metadata["vae"] or "not recorded in the checkpoint; DiT used stabilityai/sd-vae-ft-ema"
         print(f"wrote {len(samples)} latents {samples.shape[1:]} to {args.out} ({seconds:.1f} s). They are VAE "
               f"latents, not images: decode them with the Stable Diffusion VAE ({vae}), e.g. diffusers "
               f"AutoencoderKL.decode(arr_0 / {metadata['latent_scale']}).sample, on a machine that has it.")
         return
     images = to_uint8_nhwc(samples)
-    np.savez(args.out, arr_0=images, arr_1=labels)
+    write_atomically(args.out, lambda temporary: np.savez(temporary, arr_0=images, arr_1=labels))
     print(f"wrote {len(images)} images {images.shape[1:]} to {args.out} ({seconds:.1f} s)")
     if args.png:
         write_png(args.png, images)

@@ -7,7 +7,6 @@
 (then --model and --image-size, as the original sample.py).
 """
 import argparse
-import functools
 import math
 import os
 
@@ -17,182 +16,14 @@ from tqdm.auto import tqdm
 
 from checks import (UserError, check_output_path, non_negative_float, non_negative_int, positive_float,
                     positive_int, run_script, write_atomically)
-from diffusion import create_diffusion
-from diffusion.respace import space_timesteps
-from models import EPS_SAMPLING, DiT_models, load_dit_checkpoint
-from step_distill import DIFFUSION_STEPS, consistency_sample, ddim_trailing_sample, model_output
+from models import DiT_models, load_dit_checkpoint
+from sampling import SAMPLERS, SOLVER_DEFAULT_STEPS, SamplingSpec, check_guidance, resolve_sampling
 
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's classes
-
-
-def sample_batch(model, diffusion, noise, labels, cfg_scale=1.0, sampler="ddpm", temperature=1.0, eta=0.0,
-                 progress=False, clip_denoised=False):
-    """DDPM or DDIM through `diffusion` (respaced): denoise `noise` (N, C, H, W) into samples for class `labels` (N,);
-    returns (N, C, H, W) model-space samples.
-
-    clip_denoised clamps each step's x_0 estimate to [-1, 1]: right for pixels, off for latents (as the original).
-    A guidance-distilled model takes cfg_scale as its input w: one forward per step instead of two.
-    """
-    check_guidance(model, cfg_scale)
-    if model.w_embedder is not None:
-        w = torch.full((len(noise),), float(cfg_scale), device=noise.device)
-        z, model_kwargs, denoiser = noise, dict(y=labels, w=w), model.forward
-    elif cfg_scale != 1.0:
-        # Classifier-free guidance (Ho & Salimans 2022): the batch is doubled with null labels.
-        null = torch.full_like(labels, model.config["num_classes"])
-        z = torch.cat([noise, noise], dim=0)  # (2N, C, H, W)
-        model_kwargs = dict(y=torch.cat([labels, null], dim=0), cfg_scale=cfg_scale)
-        denoiser = model.forward_with_cfg
-    else:  # cfg_scale 1 is the conditional model: skip the wasted unconditional half
-        z, model_kwargs, denoiser = noise, dict(y=labels), model.forward
-    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
-    extra = dict(eta=eta) if sampler == "ddim" else {}
-    samples = loop(denoiser, z.shape, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs, progress=progress,
-                   device=z.device, temperature=temperature, **extra)
-    return samples[: len(noise)]
-
-
-def check_guidance(model, cfg_scale):
-    """A ValueError for guidance asked of a model without a null label (trained without label dropout)."""
-    if cfg_scale != 1.0 and model.w_embedder is None and model.config["class_dropout_prob"] == 0:
-        raise UserError("this model was trained without label dropout, so it has no null label to guide against: "
-                         "use --cfg-scale 1")
-
-
-#################################################################################
-#         Samplers, chosen by name: (model, sampling, noise, labels, ...)        #
-#################################################################################
-
-def ddpm(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
-    """Ancestral sampling (DDPM, Ho et al. 2020) on num_steps respaced steps, the original's default (250)."""
-    diffusion = create_diffusion(str(num_steps), learn_sigma=model.config["learn_sigma"])
-    return sample_batch(model, diffusion, noise, labels, cfg_scale, "ddpm", temperature, progress=progress,
-                        clip_denoised=clip)
-
-
-def ddim(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
-    """DDIM (Song et al. 2021) on the original's "ddimN" grid (stride 1000 // N, from t = 0 up: leading spacing)."""
-    diffusion = create_diffusion(f"ddim{num_steps}", learn_sigma=model.config["learn_sigma"])
-    return sample_batch(model, diffusion, noise, labels, cfg_scale, "ddim", temperature, eta, progress, clip)
-
-
-def ddim_trailing(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise,
-                  progress):
-    """Deterministic DDIM on the trailing grid (999 first; Lin et al. 2024): any step count from 1, for few steps."""
-    w = None if cfg_scale == 1 and model.w_embedder is None else torch.full((len(noise),), float(cfg_scale),
-                                                                            device=noise.device)
-    return ddim_trailing_sample(model, sampling["parametrisation"], noise, labels, num_steps, w, clip, temperature)
-
-
-def consistency(model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
-    """Multistep consistency sampling (Song et al. 2023; LCM): denoise, re-noise to the next grid point."""
-    w = None if model.w_embedder is None else torch.full((len(noise),), float(cfg_scale), device=noise.device)
-    return consistency_sample(model, noise, step_noise, labels, num_steps, sampling["consistency_skip"], w, clip)
-
-
-# DiT's training schedule in diffusers' terms (diffusion.get_named_beta_schedule("linear", 1000)).
-DIT_SCHEDULE = dict(num_train_timesteps=DIFFUSION_STEPS, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
-# diffusers' solvers, on the trailing grid (999 first, as ddim-trailing): name -> (scheduler class, its options).
-SOLVERS = {
-    "dpm++2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),  # Lu et al. 2022
-    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),  # Zhao et al. 2023, bh2, predictor-corrector
-    "euler": ("EulerDiscreteScheduler", {}),  # Karras et al. 2022, Algorithm 1 without churn
-}
-SOLVER_DEFAULT_STEPS = 20
-
-
-def solver_scheduler(name, clip=False):
-    """The diffusers scheduler of solver `name`, set up for DiT's schedule. clip (pixel models): each x_0 estimate
-    is clamped to [-1, 1], through diffusers' dynamic thresholding with sample_max_value 1, whose threshold
-    clamp(quantile, 1, sample_max_value) is then always 1. Euler has no x_0 to clamp and runs unclipped."""
-    import diffusers
-    class_name, options = SOLVERS[name]
-    scheduler_class = getattr(diffusers, class_name)
-    clipping = dict(thresholding=True, sample_max_value=1.0) if clip and name != "euler" else {}
-    return scheduler_class(**DIT_SCHEDULE, timestep_spacing="trailing", **options, **clipping)
-
-
-def solver(name, model, sampling, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise,
-           progress):
-    """A diffusers solver (SOLVERS[name]) on the DiT's eps: the first C output channels, guided as model_output
-    guides them (the original's first 3 channels; a w input for a guidance-distilled model), over temperature."""
-    scheduler = solver_scheduler(name, clip)
-    scheduler.set_timesteps(num_steps, device=noise.device)
-    w = None if cfg_scale == 1 and model.w_embedder is None else torch.full((len(noise),), float(cfg_scale),
-                                                                            device=noise.device)
-    x = noise * scheduler.init_noise_sigma  # Euler works in sigma space: x_T = sigma_max eps
-    for t in tqdm(scheduler.timesteps, desc=name, disable=not progress):
-        model_input = scheduler.scale_model_input(x, t)  # back to the DiT's x_t (identity but for Euler)
-        eps = model_output(model, model_input, t.expand(len(x)), labels, w, temperature=temperature)
-        x = scheduler.step(eps[:, :noise.shape[1]].float(), t, x).prev_sample
-    return x
-
-
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "ddim-trailing": ddim_trailing, "consistency": consistency,
-            **{name: functools.partial(solver, name) for name in SOLVERS}}
-
-
 SAMPLER_HELP = ("ddpm: ancestral; ddim: the original's grid; ddim-trailing: DDIM from t = 999, for few steps; "
                 "dpm++2m, unipc, euler: diffusers' DPM-Solver++ 2M, UniPC and Euler solvers (the fastest at 10-20 "
                 "steps, README); consistency: multistep consistency sampling (consistency students). Default: the "
                 "checkpoint's own (a step-distilled student's), else ddpm")
-
-
-def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0, default_cfg_scale=1.0):
-    """(sampler, steps, cfg_scale) for a checkpoint's sampling entry: its own defaults for what is None, and a
-    ValueError that says what the model supports when a request does not fit it. default_cfg_scale: the scale for a
-    model that takes guidance, clamped into a guidance-distilled model's range (a few-step student distilled without
-    guidance samples at 1)."""
-    own = sampling["sampler"]
-    sampler = sampler or own or "ddpm"
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if own and sampler != own:
-        raise UserError(f"this checkpoint is a {sampling['method']}-distilled student made for the {own} sampler; "
-                         f"drop --sampler (or pass --sampler {own})")
-    if not own and sampler == "consistency":
-        raise UserError("consistency sampling needs a consistency-distilled checkpoint; this model predicts noise: "
-                         "use ddpm, ddim or ddim-trailing")
-    num_steps = num_steps or sampling["default_steps"] or (SOLVER_DEFAULT_STEPS if sampler in SOLVERS else 250)
-    check_step_count(sampler, num_steps)
-    if sampling["steps"] and num_steps not in sampling["steps"]:
-        supported = sampling["steps"]
-        listed = f"{supported[0]}..{supported[-1]}" if len(supported) > 4 else ", ".join(map(str, supported))
-        raise UserError(f"this {sampling['method']}-distilled student samples in {listed} steps, not {num_steps}: "
-                         f"drop --num-sampling-steps (default {sampling['default_steps']})")
-    guidance_range = sampling["guidance_range"]
-    if cfg_scale is None:
-        cfg_scale = 1.0 if own and not guidance_range else default_cfg_scale
-        cfg_scale = min(max(cfg_scale, guidance_range[0]), guidance_range[1]) if guidance_range else cfg_scale
-    if guidance_range and not guidance_range[0] <= cfg_scale <= guidance_range[1]:
-        raise UserError(f"--cfg-scale {cfg_scale} is outside the guidance range this student was distilled for "
-                         f"[{guidance_range[0]}, {guidance_range[1]}]")
-    if own and not guidance_range and cfg_scale != 1:
-        raise UserError(f"this {sampling['method']}-distilled student was distilled without guidance (no "
-                         f"--guidance-range), so it samples at --cfg-scale 1 only")
-    if temperature != 1 and (sampler == "consistency" or sampling["parametrisation"] != "eps"):
-        raise UserError("--temperature applies to noise-predicting models (ddpm, ddim, ddim-trailing), not to a "
-                         "few-step student")
-    return sampler, num_steps, cfg_scale
-
-
-def check_step_count(sampler, num_steps):
-    """A ValueError when `sampler` cannot run `num_steps` steps on DiT's 1000-step schedule."""
-    if not 1 <= num_steps <= DIFFUSION_STEPS:
-        raise UserError(f"--num-sampling-steps must lie in [1, {DIFFUSION_STEPS}] (DiT's schedule has "
-                         f"{DIFFUSION_STEPS} steps), got {num_steps}")
-    if sampler == "ddim":
-        try:
-            space_timesteps(DIFFUSION_STEPS, f"ddim{num_steps}")
-        except ValueError:
-            raise UserError(f"ddim places its steps every 1000 // N timesteps from t = 0 (the original's grid), "
-                             f"which cannot give exactly {num_steps} steps: choose a nearby count, or --sampler "
-                             f"ddim-trailing, which places any count from 1") from None
-
-
-def forwards_per_step(model, cfg_scale):
-    """Model evaluations per image and step: two under classifier-free guidance, one with a w input or without."""
-    return 2 if cfg_scale != 1 and model.w_embedder is None else 1
 
 
 def to_uint8_nhwc(images):
@@ -214,8 +45,8 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     """
     if data["latent"] and vae is None:
         raise UserError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
-    sampling = data.get("sampling") or EPS_SAMPLING
-    sampler, num_steps, cfg_scale = resolve_sampling(sampling, sampler, num_sampling_steps, cfg_scale, temperature,
+    spec = SamplingSpec.from_checkpoint_entry(data.get("sampling"))
+    sampler, num_steps, cfg_scale = resolve_sampling(spec, sampler, num_sampling_steps, cfg_scale, temperature,
                                                      default_cfg_scale)
     check_guidance(model, cfg_scale)
     device = next(model.parameters()).device
@@ -225,7 +56,7 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     noise = torch.randn(len(labels), *shape, generator=generator)
     step_noise = None
-    if sampler == "consistency":  # drawn step by step, as dit_pipeline.FewStepScheduler draws them
+    if SAMPLERS[sampler].renoises:  # drawn step by step, as dit_pipeline.FewStepScheduler draws them
         draws = [torch.randn(len(labels), *shape, generator=generator) for _ in range(num_steps - 1)]
         step_noise = torch.stack(draws) if draws else torch.empty(0, len(labels), *shape)
     torch.manual_seed(seed)  # the per-step noise of DDPM
@@ -233,10 +64,10 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
         part = slice(start, start + batch_size)
-        samples = SAMPLERS[sampler](model, sampling, noise[part].to(device), labels[part].to(device), num_steps,
-                                    cfg_scale, temperature, eta, not data["latent"],
-                                    None if step_noise is None else step_noise[:, part].to(device),
-                                    progress and len(starts) == 1)
+        samples = SAMPLERS[sampler].sample(model, spec, noise[part].to(device), labels[part].to(device), num_steps,
+                                           cfg_scale, temperature, eta, not data["latent"],
+                                           None if step_noise is None else step_noise[:, part].to(device),
+                                           progress and len(starts) == 1)
         if data["latent"]:
             from data import decode_latents
             samples = decode_latents(vae, samples)

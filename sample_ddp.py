@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 
 from checks import (UserError, check_output_path, lock_folder, non_negative_float, non_negative_int, positive_float,
                     positive_int, read_file, remove_temporaries, run_script, write_atomically)
+from distributed import cleanup, setup_distributed
+from method import derived_seed
 from models import load_dit_checkpoint
-from sample import SAMPLERS, add_checkpoint_args, generate, resolve_sampling, save_npz
-from train import cleanup, derived_seed, setup_distributed
+from sample import add_checkpoint_args, generate, save_npz
+from sampling import SAMPLERS, resolve_sampling
 
 
 def print_rank0(rank, message):
@@ -81,12 +83,12 @@ def prepare_sample_dir(sample_dir, settings, num_classes, num_chunks):
             def flag(key):
                 return "--ckpt (file contents, sha256)" if key == "ckpt_sha256" else "--" + key.replace("_", "-")
             details = ", ".join(f"{flag(k)}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise SystemExit(f"error: {sample_dir} holds chunks of a run with other settings ({details}); rerun "
-                             f"with that run's settings to resume it, or choose a new --sample-dir")
+            raise UserError(f"{sample_dir} holds chunks of a run with other settings ({details}) - rerun with "
+                            f"that run's settings to resume it, or choose a new --sample-dir")
         return
     if any(name.startswith("chunk_") for name in os.listdir(sample_dir)):
-        raise SystemExit(f"error: {sample_dir} holds chunk files but no meta.json, so their settings are unknown; "
-                         f"choose a new --sample-dir (or empty this one)")
+        raise UserError(f"{sample_dir} holds chunk files but no meta.json, so their settings are unknown - choose "
+                        f"a new --sample-dir (or empty this one)")
     meta = dict(settings=settings, num_classes=num_classes, num_chunks=num_chunks,
                 labels="sample i has label i % num_classes")
 
@@ -190,7 +192,7 @@ def sample(args, rank, world_size, device):
         default_cfg_scale=1.5)  # 1.5 as the original sample_ddp.py
     num_classes = model.config["num_classes"]
     if args.vae and not data["latent"]:
-        raise SystemExit(f"error: {args.ckpt} denoises pixels, not VAE latents; drop --vae")
+        raise UserError(f"{args.ckpt}: this model denoises pixels, not VAE latents - drop --vae")
     vae_name = (args.vae or data["vae"] or "ema") if data["latent"] else None
     num_chunks = math.ceil(args.num_samples / args.chunk_size)
     out = args.out or os.path.join(args.sample_dir, f"samples_{args.num_samples}.npz")
@@ -214,7 +216,7 @@ def sample(args, rank, world_size, device):
         try:
             vae = load_vae(vae_name, device)
         except OSError as error:  # FileNotFoundError included
-            raise SystemExit(f"error: {error}") from None
+            raise UserError(f"--vae: {error}") from error
     for chunk in tqdm(mine, desc=f"sampling (rank 0 of {world_size})", unit="chunk", disable=rank != 0):
         indices = chunk_indices(chunk, args.chunk_size, args.num_samples)
         labels = [i % num_classes for i in indices]

@@ -7,14 +7,12 @@ Each method's loss is one function below, with its paper and equation named abov
   into the teacher's ODE step (Luo et al. 2023);
 - guidance distillation (Meng et al. 2023): the student takes the guidance scale w as an input and learns the
   teacher's classifier-free-guided output.
-The classes at the bottom hold each method's state (the round's teacher, the EMA target) for train.py's loop, and the
-two few-step samplers live here too, beside the parametrisation they need; sample.py registers them by name.
+The classes at the bottom hold each method's state (the round's teacher, the EMA target) for train.py's loop. The
+schedule, the parametrisations and the students' samplers are sampling.py's.
 
-Parametrisation of the progressive and consistency students ("x-eps", Salimans & Ho 2022, Sec. 4 and App. D): the
-DiT's two output channel groups become (eps~, x~) and x_0 = sigma_t^2 x~ + alpha_t (x_t - sigma_t eps~). At low
-noise this is the usual eps-prediction, at t ~ T it is direct x_0-prediction: well posed at every noise level, where
-eps alone divides by alpha_T = 0.006 at DiT's last timestep. An eps-predicting DiT converts at the start: its eps
-channels stay, and the second group (the learned variance, which a deterministic few-step sampler does not use) is
+The progressive and consistency students predict "x-eps" (sampling.py: x_0 = sigma_t^2 x~ + alpha_t (x_t - sigma_t
+eps~), Salimans & Ho 2022, App. D), well posed at every noise level. An eps-predicting DiT converts at the start: its
+eps channels stay, and the second group (the learned variance, which a deterministic few-step sampler does not use) is
 zeroed and retrained as x~; at initialisation x_0 = alpha_t^2 x_0(eps): the teacher's own estimate at low noise.
 """
 import copy
@@ -23,126 +21,11 @@ import os
 import torch
 
 from checks import UserError, non_negative_float, number_in, positive_int
-from diffusion.gaussian_diffusion import get_named_beta_schedule, mean_flat
+from diffusion.gaussian_diffusion import mean_flat
 from method import TrainingMethod, derived_seed, diffusion_draws, freeze
 from models import DiT, load_state_dict_strict, update_ema
-
-DIFFUSION_STEPS = 1000  # DiT's training schedule (linear betas)
-# LCM's boundary scalings (Luo et al. 2023, Sec. 4.2): c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2),
-# c_out = s t / sqrt((s t)^2 + sigma_data^2): exactly the identity at t = 0, the model's x_0 soon after.
-CONSISTENCY_SIGMA_DATA = 0.5
-CONSISTENCY_TIMESTEP_SCALE = 10.0
-
-_ALPHA_BAR = torch.from_numpy(get_named_beta_schedule("linear", DIFFUSION_STEPS)).neg().add(1).cumprod(0)
-# Index t + 1: position 0 is "t = -1", the clean end of every sampling grid (alpha 1, sigma 0).
-_ALPHA_BAR_WITH_CLEAN = torch.cat([torch.ones(1, dtype=torch.float64), _ALPHA_BAR])
-
-
-#################################################################################
-#                     Schedule, grids and the parametrisation                   #
-#################################################################################
-
-def alpha_sigma(t, ndim=4):
-    """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) for integer t in [-1, 1000), shaped to broadcast."""
-    alpha_bar = _ALPHA_BAR_WITH_CLEAN.to(t.device)[t.long() + 1]
-    shape = (-1,) + (1,) * (ndim - 1)
-    return alpha_bar.sqrt().float().view(shape), (1 - alpha_bar).sqrt().float().view(shape)
-
-
-def trailing_timesteps(num_steps, stride=1, num_timesteps=DIFFUSION_STEPS):
-    """num_steps timesteps from the last one down, evenly spaced ("trailing", Lin et al. 2024, Sec. 3.3).
-
-    On the grid of every stride-th timestep (stride - 1, 2 * stride - 1, ..., num_timesteps - 1): t_i =
-    stride * round(P (N - i) / N) - 1 with P = num_timesteps / stride points, rounded half up in integers. 4 steps:
-    999, 749, 499, 249; 1 step: 999. The grid of N / 2 steps is every other point of the grid of N (N a power of 2).
-    """
-    points = num_timesteps // stride
-    if not 1 <= num_steps <= points:
-        raise ValueError(f"cannot place {num_steps} steps on a grid of {points} timesteps")
-    return [stride * ((points * (num_steps - i) + num_steps // 2) // num_steps) - 1 for i in range(num_steps)]
-
-
-def unwrap(model):
-    """The DiT inside DDP and torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-def model_output(model, x_t, t, y, w=None, drop=None, temperature=1.0):
-    """The DiT's output at x_t for labels y and guidance scales w (N,) (None: no guidance), divided by temperature.
-
-    A guidance-distilled DiT takes w as its input: one forward. Any other DiT given w runs classifier-free
-    guidance (Ho & Salimans 2022, Eq. 6) on the conditional and the null batch in one forward, guiding the first
-    min(3, C) channels as forward_with_cfg does. drop: (N,) 1 where the label is replaced by the null label.
-    """
-    dit = unwrap(model)
-    drop = torch.zeros_like(y) if drop is None else drop  # always given: a DiT in train mode would drop at random
-    if dit.w_embedder is not None:
-        w = torch.ones(len(x_t), device=x_t.device) if w is None else w
-        return model(x_t, t, y, force_drop_ids=drop, w=w) / temperature
-    if w is None:
-        return model(x_t, t, y, force_drop_ids=drop) / temperature
-    null = torch.full_like(y, dit.config["num_classes"])
-    out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]),
-                force_drop_ids=torch.zeros_like(torch.cat([y, y])))  # (2N, C_out, H, W)
-    cond, uncond = out.chunk(2)
-    g = min(3, dit.in_channels)
-    w = w.float().view(-1, 1, 1, 1)
-    guided = uncond[:, :g] + w * (cond[:, :g] - uncond[:, :g])
-    return torch.cat([guided, cond[:, g:]], dim=1) / temperature  # (N, C_out, H, W)
-
-
-def predict_x0_eps(output, x_t, t, parametrisation, clip=False):
-    """(x_0, eps) from a DiT output. clip: clamp x_0 to [-1, 1] (pixels) and re-derive eps from it, as DDIM does."""
-    C = x_t.shape[1]
-    alpha, sigma = alpha_sigma(t)
-    output = output.float()
-    if parametrisation == "eps":
-        eps = output[:, :C]
-        x0 = (x_t - sigma * eps) / alpha
-    elif parametrisation == "x-eps":  # Salimans & Ho 2022, App. D: sigma^2 x~ + alpha (x_t - sigma eps~)
-        eps_tilde, x_tilde = output[:, :C], output[:, C:2 * C]
-        x0 = sigma ** 2 * x_tilde + alpha * (x_t - sigma * eps_tilde)
-        eps = None
-    else:
-        raise ValueError(f"unknown parametrisation {parametrisation!r}")
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    if clip or eps is None:
-        eps = (x_t - alpha * x0) / sigma
-    return x0, eps
-
-
-def denoise(model, parametrisation, x_t, t, y, w=None, drop=None, clip=False, temperature=1.0):
-    """(x_0, eps) of a DiT at x_t: model_output and predict_x0_eps in one call."""
-    return predict_x0_eps(model_output(model, x_t, t, y, w, drop, temperature), x_t, t, parametrisation, clip)
-
-
-def ddim_step(x0, eps, s):
-    """DDIM's deterministic update to timestep s (Song et al. 2021, Eq. 12 with eta = 0); s = -1 returns x_0."""
-    alpha_s, sigma_s = alpha_sigma(s)
-    return alpha_s * x0 + sigma_s * eps
-
-
-def q_sample(x0, t, noise):
-    """x_t = alpha_t x_0 + sigma_t eps (DDPM Eq. 4)."""
-    alpha, sigma = alpha_sigma(t)
-    return alpha * x0 + sigma * noise
-
-
-def consistency_function(model, x_t, t, y, w=None, drop=None, clip=False):
-    """f(x_t, t) = c_skip(t) x_t + c_out(t) x_0(x_t, t) (Song et al. 2023, Eq. 3); f(x, 0) = x exactly."""
-    x0, _ = denoise(model, "x-eps", x_t, t, y, w, drop, clip)
-    return consistency_boundary(x_t, t, x0)
-
-
-def consistency_boundary(x_t, t, x0):
-    """c_skip(t) x_t + c_out(t) x_0 with LCM's scalings (above): the consistency function from an x_0 estimate."""
-    scaled = CONSISTENCY_TIMESTEP_SCALE * t.double().clamp(min=0).view(-1, 1, 1, 1)
-    c_skip = CONSISTENCY_SIGMA_DATA ** 2 / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
-    c_out = scaled / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2).sqrt()
-    return c_skip.float() * x_t + c_out.float() * x0
+from sampling import (DIFFUSION_STEPS, SamplingSpec, alpha_sigma, consistency_function, ddim_step, denoise,
+                      model_output, q_sample, trailing_timesteps)
 
 
 #################################################################################
@@ -204,39 +87,6 @@ def guidance_loss(student, teacher, x0, y, noise, t, w):
 
 
 #################################################################################
-#                                   Samplers                                    #
-#################################################################################
-
-@torch.no_grad()
-def ddim_trailing_sample(model, parametrisation, noise, y, num_steps, w=None, clip=False, temperature=1.0):
-    """Deterministic DDIM on the trailing grid, ending at x_0: the progressive student's sampler, and the teacher's
-    few-step baseline (an eps model at 1 step jumps from t = 999 to its x_0 estimate)."""
-    grid = trailing_timesteps(num_steps) + [-1]
-    x = noise
-    for t, s in zip(grid[:-1], grid[1:]):
-        x0, eps = denoise(model, parametrisation, x, torch.full((len(x),), t, device=x.device), y, w, clip=clip,
-                          temperature=temperature)
-        x = ddim_step(x0, eps, torch.full((len(x),), s, device=x.device))
-    return x
-
-
-@torch.no_grad()
-def consistency_sample(model, noise, step_noise, y, num_steps, skip, w=None, clip=False):
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; LCM's Algorithm 3): x_0 = f(x, t_i), then
-    re-noised to t_{i+1} with step_noise[i], on the trailing grid of the training points. Returns the last x_0."""
-    grid = trailing_timesteps(num_steps, stride=skip)
-    if len(step_noise) < num_steps - 1:
-        raise ValueError(f"{num_steps} consistency steps need {num_steps - 1} re-noising draws")
-    x = noise
-    for i, t in enumerate(grid):
-        x0 = consistency_function(model, x, torch.full((len(x),), t, device=x.device), y, w, clip=clip)
-        x0 = x0.clamp(-1, 1) if clip else x0
-        if i + 1 < num_steps:
-            x = q_sample(x0, torch.full((len(x),), grid[i + 1], device=x.device), step_noise[i])
-    return x0
-
-
-#################################################################################
 #                         Students and the methods' state                       #
 #################################################################################
 
@@ -285,7 +135,7 @@ def load_step_teacher(args, data):
                         f"({'latents' if teacher_data['latent'] else 'pixels'}), the training data is "
                         f"{ {k: data[k] for k in shape} } ({'latents' if data['latent'] else 'pixels'}): train on "
                         f"the teacher's own data")
-    return freeze(teacher, args.precision), teacher_data["sampling"]
+    return freeze(teacher, args.precision), SamplingSpec.from_checkpoint_entry(teacher_data["sampling"])
 
 
 class StepDistillation(TrainingMethod):
@@ -304,8 +154,8 @@ class StepDistillation(TrainingMethod):
         self.frozen["teacher"] = teacher
         torch.manual_seed(derived_seed(args.seed, "init"))  # the same new weights (a w-embedding) in every run
         self.clip = not data["latent"]
-        self.teacher_parametrisation = teacher_sampling["parametrisation"]
-        self.guidance_range = args.guidance_range or teacher_sampling.get("guidance_range")
+        self.teacher_parametrisation = teacher_sampling.parametrisation
+        self.guidance_range = tuple(args.guidance_range or teacher_sampling.guidance_range or ()) or None
         if teacher.w_embedder is not None and not self.guidance_range:
             raise UserError("the teacher is guidance-distilled (it takes w): pass --guidance-range")
         self.check_teacher(teacher_sampling)
@@ -446,9 +296,7 @@ class ProgressiveDistillation(StepDistillation):
 
     def sampling(self):
         steps = self.teacher_steps(self.round) // 2  # this round's student: a checkpoint at a round's end samples so
-        return {"method": "progressive", "parametrisation": "x-eps", "sampler": "ddim-trailing",
-                "steps": [steps], "default_steps": steps,
-                "guidance_range": self.guidance_range, "consistency_skip": None}
+        return SamplingSpec("progressive", "x-eps", "ddim-trailing", (steps,), steps, self.guidance_range)
 
 
 class ConsistencyDistillation(StepDistillation):
@@ -486,9 +334,8 @@ class ConsistencyDistillation(StepDistillation):
         self.frozen["target"].load_state_dict(checkpoint["consistency_target"])
 
     def sampling(self):
-        return {"method": "consistency", "parametrisation": "x-eps", "sampler": "consistency",
-                "steps": list(range(1, self.points + 1)), "default_steps": self.args.sampling_steps,
-                "guidance_range": self.guidance_range, "consistency_skip": self.args.consistency_skip}
+        return SamplingSpec("consistency", "x-eps", "consistency", tuple(range(1, self.points + 1)),
+                            self.args.sampling_steps, self.guidance_range, self.args.consistency_skip)
 
 
 class GuidanceDistillation(StepDistillation):
@@ -500,7 +347,7 @@ class GuidanceDistillation(StepDistillation):
     def check_teacher(self, teacher_sampling):
         if not self.args.guidance_range:
             raise UserError("guidance distillation needs --guidance-range WMIN WMAX")
-        if teacher_sampling["parametrisation"] != "eps":
+        if teacher_sampling.parametrisation != "eps":
             raise UserError("guidance distillation needs an eps-predicting teacher (a plain or size-distilled DiT)")
 
     def loss(self, update, nets, x0, y, draws, autocast):
@@ -510,5 +357,4 @@ class GuidanceDistillation(StepDistillation):
         return loss, {"guidance": loss}
 
     def sampling(self):
-        return {"method": "guidance", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
-                "guidance_range": self.guidance_range, "consistency_skip": None}
+        return SamplingSpec("guidance", guidance_range=self.guidance_range)

@@ -33,7 +33,7 @@ from distributed import cleanup, create_logger, exit_after_ddp, setup_distribute
 from distill import SizeDistillation
 from method import PlainTraining, derived_seed
 from models import DiT, DiT_models, save_checkpoint_atomic, update_ema
-from sample import SAMPLERS, check_step_count
+from sampling import SAMPLERS, check_step_count
 from step_distill import ConsistencyDistillation, GuidanceDistillation, ProgressiveDistillation
 
 # The training methods, by name: --model trains "plain", --distillation runs "distillation", --step-distillation NAME
@@ -273,8 +273,8 @@ def sample_grid(args, run, data, vae, step, writer, device, logger):
         vae = load_vae(data["vae"], device)
     labels = [i % data["num_classes"] for i in range(min(4 * data["num_classes"], 32))]
     sampling = run.method.sampling()
-    own = sampling["sampler"] is not None  # a few-step student
-    images = generate(run.ema, dict(data, sampling=sampling), labels, 0, None if own else args.sample_steps,
+    own = sampling.sampler is not None  # a few-step student
+    images = generate(run.ema, dict(data, sampling=sampling.to_dict()), labels, 0, None if own else args.sample_steps,
                       None if own else args.sample_sampler, cfg_scale=1.0, vae=vae, progress=False)
     path = os.path.join(args.results_dir, "samples", f"{step:07d}.png")
     save_image(images, path, nrow=min(data["num_classes"], 8), normalize=True, value_range=(-1, 1))

@@ -15,8 +15,9 @@ from timm.models.vision_transformer import Mlp as TimmMlp
 from timm.models.vision_transformer import PatchEmbed as TimmPatchEmbed
 
 import models
-from models import (EPS_SAMPLING, DiT, DiT_models, LabelEmbedder, TimestepEmbedder, load_dit_checkpoint, model_config,
+from models import (DiT, DiT_models, LabelEmbedder, TimestepEmbedder, load_dit_checkpoint, model_config,
                     save_checkpoint_atomic)
+from sampling import EPS_SAMPLING
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 import sample
 import sample_ddp
+from checks import UserError
 from models import DiT_models, load_dit_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,7 +218,7 @@ def test_ddp_refuses_other_settings_and_resamples_a_broken_chunk(pixel_ckpt, tmp
     images = load_npz(tmp_path / "samples_3.npz")[0]
     assert images.shape == (3, 8, 8, 1)
     other = ddp_args(pixel_ckpt, tmp_path, "--num-samples", 3, "--chunk-size", 3, "--cfg-scale", 4)
-    with pytest.raises(SystemExit, match=r"--cfg-scale: 1.5 -> 4.0, --chunk-size: 2 -> 3\)"):
+    with pytest.raises(UserError, match=r"--cfg-scale: 1.5 -> 4.0, --chunk-size: 2 -> 3\)"):
         sample_ddp.main(sample_ddp.parse_args([str(a) for a in other]))
     # A broken chunk (e.g. a disk error; a killed write leaves none, it is atomic) is found and sampled again.
     (tmp_path / "chunk_00001.npz").write_bytes(b"half a file")
@@ -237,9 +238,9 @@ def test_ddp_bad_inputs(pixel_ckpt, latent_files, tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     latent = ["--ckpt", latent_files / "raw.pt", "--model", "DiT-Digits-S", "--image-size", 64, "--num-samples", 2,
               "--sample-dir", tmp_path / "latent", "--vae", tmp_path / "missing"]
-    with pytest.raises(SystemExit, match="VAE folder .* does not exist"):
+    with pytest.raises(UserError, match="VAE folder .* does not exist"):
         sample_ddp.main(sample_ddp.parse_args([str(a) for a in latent]))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "chunk_00000.npz").write_bytes(b"")
-    with pytest.raises(SystemExit, match="no meta.json"):
+    with pytest.raises(UserError, match="no meta.json"):
         sample_ddp.main(sample_ddp.parse_args([str(a) for a in ddp_args(pixel_ckpt, tmp_path / "foreign")]))

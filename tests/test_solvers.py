@@ -1,15 +1,17 @@
-"""diffusers' solvers as samplers (sample.py SAMPLERS, run_exported.py --sampler): determinism, agreement with
+"""diffusers' solvers as samplers (sampling.SAMPLERS, run_exported.py --sampler): determinism, agreement with
 independent references (diffusers' DDIMScheduler as the project's DDIM; DPM-Solver++ of order 1 as DDIM), the
-existing DDPM / DDIM unchanged, and the standalone runner's copy equal to sample.py's."""
+existing DDPM / DDIM unchanged, and the standalone runner's copy equal to sampling.py's."""
 import numpy as np
 import pytest
 import torch
 
 import run_exported
 import sample
+import sampling
 from diffusion import create_diffusion
-from models import EPS_SAMPLING, DiT_models
-from step_distill import ddim_trailing_sample
+from models import DiT_models
+from sampling import EPS_SAMPLING
+from sampling import SamplingSpec, ddim_trailing_sample
 
 PIXEL_DATA = {"image_size": 8, "latent": False, "vae": None, "sampling": EPS_SAMPLING}
 
@@ -35,11 +37,11 @@ def model():
 
 def run_sampler(model, name, num_steps, noise, labels, clip, cfg_scale=1.0, temperature=1.0):
     with torch.no_grad():
-        return sample.SAMPLERS[name](model, EPS_SAMPLING, noise, labels, num_steps, cfg_scale, temperature, 0.0, clip,
-                                     None, False)
+        return sampling.SAMPLERS[name].sample(model, SamplingSpec(), noise, labels, num_steps, cfg_scale, temperature,
+                                              0.0, clip, None, False)
 
 
-@pytest.mark.parametrize("name", sample.SOLVERS)
+@pytest.mark.parametrize("name", sampling.SOLVERS)
 def test_every_solver_is_deterministic_with_guidance_and_temperature(model, name):
     labels = list(range(10))
     settings = dict(seed=3, sampler=name, num_sampling_steps=5, progress=False)
@@ -58,15 +60,15 @@ def test_every_solver_is_deterministic_with_guidance_and_temperature(model, name
 def test_first_order_dpm_solver_plus_plus_is_ddim(model, monkeypatch):
     """DPM-Solver++ of order 1 is DDIM (Lu et al. 2022, Sec. 4.1): on the same trailing grid, the diffusers path
     (channels, timesteps, noise scaling) must reproduce the project's own DDIM."""
-    monkeypatch.setitem(sample.SOLVERS, "dpm++1", ("DPMSolverMultistepScheduler",
+    monkeypatch.setitem(sampling.SOLVERS, "dpm++1", ("DPMSolverMultistepScheduler",
                                                    dict(algorithm_type="dpmsolver++", solver_order=1)))
     noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(6)
     for steps in (4, 10):
         ours = ddim_trailing_sample(model, "eps", noise, labels, steps)
         with torch.no_grad():
-            theirs = sample.solver("dpm++1", model, EPS_SAMPLING, noise, labels, steps, 1.0, 1.0, 0.0, False, None,
-                                   False)
+            theirs = sampling.solver("dpm++1", model, SamplingSpec(), noise, labels, steps, 1.0, 1.0, 0.0, False,
+                                     None, False)
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
@@ -79,7 +81,7 @@ def test_diffusers_ddim_scheduler_agrees_with_the_project_ddim(model, clip):
     labels = torch.tensor([1, 3, 5, 7])
     for steps in (10, 25):
         ours = run_sampler(model, "ddim", steps, noise, labels, clip)
-        scheduler = DDIMScheduler(**sample.DIT_SCHEDULE, timestep_spacing="leading", steps_offset=0,
+        scheduler = DDIMScheduler(**sampling.DIT_SCHEDULE, timestep_spacing="leading", steps_offset=0,
                                   set_alpha_to_one=True, clip_sample=clip, clip_sample_range=1.0)
         scheduler.set_timesteps(steps)
         x = noise.clone()
@@ -106,8 +108,8 @@ def test_ddpm_and_ddim_are_the_original_loops(model):
 
 
 def test_standalone_runner_solvers_match_sample_py(model, tmp_path):
-    assert run_exported.SOLVERS == sample.SOLVERS and run_exported.DIT_SCHEDULE == sample.DIT_SCHEDULE
-    assert run_exported.SOLVER_DEFAULT_STEPS == sample.SOLVER_DEFAULT_STEPS
+    assert run_exported.SOLVERS == sampling.SOLVERS and run_exported.DIT_SCHEDULE == sampling.DIT_SCHEDULE
+    assert run_exported.SOLVER_DEFAULT_STEPS == sampling.SOLVER_DEFAULT_STEPS
     labels = np.array([2, 4, 6])
     noise = np.random.default_rng(7).standard_normal((3, 1, 8, 8), dtype=np.float32)
 
@@ -115,7 +117,7 @@ def test_standalone_runner_solvers_match_sample_py(model, tmp_path):
         with torch.no_grad():
             return model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y).long()).numpy()
     metadata = {"input_size": 8, "in_channels": 1, "num_classes": 10, "batch_size": None, "sampling": None}
-    for name in sample.SOLVERS:
+    for name in sampling.SOLVERS:
         for latent in (False, True):
             ours = run_exported.sample(denoise, {**metadata, "latent": latent}, labels, num_steps=6, seed=7,
                                        sampler=name)

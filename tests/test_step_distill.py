@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sample
+import sampling
 import step_distill as sd
 from models import DiT_models, load_dit_checkpoint
 from test_train import kill_after_checkpoint
@@ -49,14 +50,14 @@ def load(path):
 #################################################################################
 
 def test_trailing_grids_start_at_the_last_timestep_and_nest():
-    assert sd.trailing_timesteps(1) == [999]
-    assert sd.trailing_timesteps(2) == [999, 499]
-    assert sd.trailing_timesteps(4) == [999, 749, 499, 249]
-    assert sd.trailing_timesteps(4, stride=20) == [999, 759, 499, 259]
+    assert sampling.trailing_timesteps(1) == [999]
+    assert sampling.trailing_timesteps(2) == [999, 499]
+    assert sampling.trailing_timesteps(4) == [999, 749, 499, 249]
+    assert sampling.trailing_timesteps(4, stride=20) == [999, 759, 499, 259]
     for steps in (2, 4, 8, 16, 32, 64):
-        assert sd.trailing_timesteps(steps)[::2] == sd.trailing_timesteps(steps // 2)  # progressive rounds nest
+        assert sampling.trailing_timesteps(steps)[::2] == sampling.trailing_timesteps(steps // 2)  # progressive rounds nest
     with pytest.raises(ValueError, match="cannot place"):
-        sd.trailing_timesteps(51, stride=20)
+        sampling.trailing_timesteps(51, stride=20)
 
 
 def test_progressive_target_is_two_teacher_ddim_steps_by_hand():
@@ -86,8 +87,8 @@ def test_progressive_target_is_two_teacher_ddim_steps_by_hand():
     expected = (x_next - ratio * x_t.double()) / (ab_next.sqrt() - ratio * ab_t.sqrt())
     torch.testing.assert_close(target.double(), expected, rtol=1e-4, atol=1e-4)
     # and one student DDIM step from x_t with that x_0 lands where the teacher's two steps did
-    alpha, sigma = sd.alpha_sigma(t)
-    one_step = sd.ddim_step(target, (x_t - alpha * target) / sigma, t_next)
+    alpha, sigma = sampling.alpha_sigma(t)
+    one_step = sampling.ddim_step(target, (x_t - alpha * target) / sigma, t_next)
     torch.testing.assert_close(one_step.double(), x_next, rtol=1e-4, atol=1e-4)
 
 
@@ -100,8 +101,8 @@ def test_eps_sampler_on_a_shared_grid_matches_the_projects_ddim():
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
     diffusion = create_diffusion("ddim4")  # timesteps 0, 250, 500, 750
     out = diffusion.ddim_sample(model, x, torch.tensor([3, 3]), model_kwargs=dict(y=y), clip_denoised=True)
-    x0, eps = sd.denoise(model, "eps", x, torch.tensor([750, 750]), y, clip=True)
-    torch.testing.assert_close(sd.ddim_step(x0, eps, torch.tensor([500, 500])), out["sample"], rtol=1e-5, atol=1e-5)
+    x0, eps = sampling.denoise(model, "eps", x, torch.tensor([750, 750]), y, clip=True)
+    torch.testing.assert_close(sampling.ddim_step(x0, eps, torch.tensor([500, 500])), out["sample"], rtol=1e-5, atol=1e-5)
 
 
 def test_consistency_function_is_the_identity_at_the_smallest_t():
@@ -111,8 +112,8 @@ def test_consistency_function_is_the_identity_at_the_smallest_t():
             p.normal_(0, 0.1)  # x~ no longer zero: the model's x_0 differs from x_t
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
-        at_zero = sd.consistency_function(student, x, torch.zeros(4, dtype=torch.long), y)
-        at_later = sd.consistency_function(student, x, torch.full((4,), 19), y)
+        at_zero = sampling.consistency_function(student, x, torch.zeros(4, dtype=torch.long), y)
+        at_later = sampling.consistency_function(student, x, torch.full((4,), 19), y)
     assert torch.equal(at_zero, x)
     assert (at_later - x).abs().max() > 1e-2
 
@@ -140,9 +141,9 @@ def test_x_eps_student_starts_from_the_teachers_eps():
     with torch.no_grad():
         out = student(x, t, y)
         assert torch.equal(out[:, :1], teacher(x, t, y)) and torch.equal(out[:, 1:], torch.zeros_like(out[:, 1:]))
-        x0_teacher, _ = sd.denoise(teacher, "eps", x, t, y)
-        x0_student, _ = sd.denoise(student, "x-eps", x, t, y)
-    alpha, _ = sd.alpha_sigma(t)
+        x0_teacher, _ = sampling.denoise(teacher, "eps", x, t, y)
+        x0_student, _ = sampling.denoise(student, "x-eps", x, t, y)
+    alpha, _ = sampling.alpha_sigma(t)
     torch.testing.assert_close(x0_student, alpha ** 2 * x0_teacher, rtol=1e-4, atol=1e-5)
 
 
@@ -150,7 +151,7 @@ def test_guided_teacher_output_matches_forward_with_cfg():
     model = random_dit(4)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([4, 5])
     with torch.no_grad():
-        guided = sd.model_output(model, x, t, y, w=torch.full((2,), 3.0))
+        guided = sampling.model_output(model, x, t, y, w=torch.full((2,), 3.0))
         null = torch.full_like(y, 10)
         reference = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0)[:2]
     torch.testing.assert_close(guided, reference, rtol=1e-5, atol=1e-6)
@@ -217,7 +218,7 @@ def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teac
     assert (sampling["parametrisation"], sampling["sampler"], sampling["default_steps"]) == expected
     ckpt = str(uninterrupted / "checkpoints" / "0000006.pt")
     model, data = load_dit_checkpoint(ckpt)
-    sampler, steps, cfg = sample.resolve_sampling(data["sampling"])
+    sampler, steps, cfg = sampling.resolve_sampling(data["sampling"])
     assert (sampler, steps) == ((expected[1], expected[2]) if method != "guidance" else ("ddpm", 250))
     run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "grid.png", "--npz", tmp_path / "s.npz",
                "--num-samples", 10)
@@ -357,9 +358,9 @@ def test_numpy_runner_samplers_equal_the_torch_samplers(method, students):
         ours = run_exported.few_step_sample(denoise, noise, step_noise, labels, metadata, steps)
         y = torch.from_numpy(labels)
         if method == "progressive":
-            reference = sd.ddim_trailing_sample(model, "x-eps", torch.from_numpy(noise), y, steps, clip=True)
+            reference = sampling.ddim_trailing_sample(model, "x-eps", torch.from_numpy(noise), y, steps, clip=True)
         else:
-            reference = sd.consistency_sample(model, torch.from_numpy(noise), torch.from_numpy(step_noise), y, steps,
+            reference = sampling.consistency_sample(model, torch.from_numpy(noise), torch.from_numpy(step_noise), y, steps,
                                               data["sampling"]["consistency_skip"], clip=True)
         np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-4, atol=1e-4)
 
