@@ -211,11 +211,11 @@ def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teac
     assert os.listdir(uninterrupted / "tensorboard")
 
     # The checkpoint says what the model is; sample.py with no flags samples it its own way.
-    sampling = a["sampling"]
-    assert sampling["method"] == method
+    entry = a["sampling"]
+    assert entry["method"] == method
     expected = {"progressive": ("x-eps", "ddim-trailing", 2), "consistency": ("x-eps", "consistency", 2),
                 "guidance": ("eps", None, None)}[method]
-    assert (sampling["parametrisation"], sampling["sampler"], sampling["default_steps"]) == expected
+    assert (entry["parametrisation"], entry["sampler"], entry["default_steps"]) == expected
     ckpt = str(uninterrupted / "checkpoints" / "0000006.pt")
     model, data = load_dit_checkpoint(ckpt)
     sampler, steps, cfg = sampling.resolve_sampling(data["sampling"])

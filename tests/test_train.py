@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--global-batch-size", "16", "--log-every", "2", "--lr", "1e-3", "--ema-decay", "0.9"]
 
 
-def run_train(*args, check=True, module=None):
-    command = [sys.executable, "-m", module] if module else [sys.executable, os.path.join(ROOT, "train.py")]
+def run_train(*args, check=True, module=None, script=None):
+    """train.py (or `script`, or `python -m module`) with args; an AssertionError with its output if it fails."""
+    command = [sys.executable, "-m", module] if module else [sys.executable, script or os.path.join(ROOT, "train.py")]
     result = subprocess.run(command + list(args), capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check and result.returncode != 0:
@@ -25,10 +26,10 @@ def run_train(*args, check=True, module=None):
     return result
 
 
-def kill_after_checkpoint(arguments, checkpoint):
-    """Start train.py with `arguments` and kill -9 it as soon as `checkpoint` exists."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, arguments)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def kill_after_checkpoint(arguments, checkpoint, script=None):
+    """Start train.py (or `script`) with `arguments` and kill -9 it as soon as `checkpoint` exists."""
+    process = subprocess.Popen([sys.executable, script or os.path.join(ROOT, "train.py"), *map(str, arguments)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
