@@ -358,3 +358,66 @@ class GuidanceDistillation(StepDistillation):
 
     def sampling(self):
         return SamplingSpec("guidance", guidance_range=self.guidance_range)
+
+
+#################################################################################
+#        One to four steps from a generator: what DMD2 and ADD / LADD share     #
+#################################################################################
+
+def generator_grid(num_steps):
+    """The trailing grid a 1-4 step generator trains on (4 steps: 999, 749, 499, 249) and the step counts it then
+    samples in: those whose own trailing grid lies on it (4 -> 1, 2, 4)."""
+    grid = trailing_timesteps(num_steps)
+    return grid, tuple(n for n in range(1, num_steps + 1) if set(trailing_timesteps(n)) <= set(grid))
+
+
+def generator_x0(generator, x_t, t, y, w=None, clip=False):
+    """The generator's sample x_0 = G(x_t, t): its x-eps estimate through the consistency boundary, which at the grid's
+    timesteps (t >= 249) is within 1e-7 of the estimate itself, so the consistency sampler samples it as trained."""
+    return consistency_function(generator, x_t, t, y, w, clip=clip)
+
+
+# DMD2 (Yin et al. 2024, Sec. 4.5, "backward simulation"): a multi-step generator's input at grid point k is made by
+# its own earlier steps, x_{t_0} = z and x_{t_{j+1}} = q_sample(G(x_{t_j}, t_j), t_{j+1}), not by noising real data,
+# so that training sees what sampling will (no gradient flows through these steps).
+@torch.no_grad()
+def backward_simulation(generator, noise, renoise, index, grid, y, w=None, clip=False):
+    """(x_t (N, C, H, W), t (N,)): each example's input at grid[index[i]]; renoise: (N, len(grid) - 1, C, H, W)."""
+    grid = torch.tensor(grid, device=noise.device)
+    x = noise
+    for j in range(int(index.max()) if len(index) else 0):
+        x0 = generator_x0(generator, x, grid[j].expand(len(x)), y, w, clip)
+        x0 = x0.clamp(-1, 1) if clip else x0  # as the consistency sampler steps
+        step = q_sample(x0, grid[j + 1].expand(len(x)), renoise[:, j])
+        x = torch.where((index > j).view(-1, 1, 1, 1), step, x)
+    return x, grid[index]
+
+
+class FewStepGenerator(StepDistillation):
+    """A student that samples in 1 to --sampling-steps steps (a power of two) on the trailing grid: started from the
+    teacher as an x-eps model, trained at every grid point through backward simulation, sampled by the consistency
+    sampler (x_0 = G(x, t_i), re-noised to t_{i+1}). The base of DMD2 and of adversarial distillation."""
+    flags = ("sampling_steps",)
+
+    def __init__(self, args, data, device):
+        super().__init__(args, data, device)
+        if args.sampling_steps & (args.sampling_steps - 1):
+            raise UserError(f"--sampling-steps {args.sampling_steps} must be a power of two (1, 2, 4, 8) so that "
+                            f"fewer steps lie on its grid")
+        self.grid, self.step_counts = generator_grid(args.sampling_steps)
+
+    def generator_draws(self, generator, batch, shape):
+        """The generator's input noise, its grid point and backward simulation's re-noising draws."""
+        return {"z": torch.randn(batch, *shape, generator=generator),
+                "grid_uniform": torch.rand(batch, generator=generator),
+                "renoise": torch.randn(batch, len(self.grid) - 1, *shape, generator=generator)}
+
+    def generate(self, generator, draws, y, with_grad):
+        """The generator's samples x_0 (N, C, H, W) at this step's grid points (gradient to G when with_grad)."""
+        index = (draws["grid_uniform"] * len(self.grid)).long().clamp(max=len(self.grid) - 1)
+        x_t, t = backward_simulation(generator, draws["z"], draws["renoise"], index, self.grid, y, clip=self.clip)
+        with torch.set_grad_enabled(with_grad):
+            return generator_x0(generator, x_t, t, y)
+
+    def sampling(self):
+        return SamplingSpec(self.name, "x-eps", "consistency", self.step_counts, len(self.grid), None, 1)

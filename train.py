@@ -31,6 +31,7 @@ from checks import (UserError, lock_folder, non_negative_float, non_negative_int
 from data import build_dataset, rank_batches
 from distributed import cleanup, create_logger, exit_after_ddp, setup_distributed
 from distill import SizeDistillation
+from dmd2 import DMD2
 from method import PlainTraining, derived_seed
 from models import DiT, DiT_models, save_checkpoint_atomic, update_ema
 from sampling import SAMPLERS, check_step_count
@@ -39,7 +40,7 @@ from step_distill import ConsistencyDistillation, GuidanceDistillation, Progress
 # The training methods, by name: --model trains "plain", --distillation runs "distillation", --step-distillation NAME
 # runs NAME. A new method is one module and one line here.
 METHODS = {"plain": PlainTraining, "distillation": SizeDistillation, "progressive": ProgressiveDistillation,
-           "consistency": ConsistencyDistillation, "guidance": GuidanceDistillation}
+           "consistency": ConsistencyDistillation, "guidance": GuidanceDistillation, "dmd2": DMD2}
 
 
 #################################################################################
@@ -199,7 +200,7 @@ def log_interval(run, sums, counts, steps, started, done, writer, progress, logg
     images_per_second = steps * run.args.global_batch_size / (time.time() - started)
     writer.add_scalar("train/images_per_second", images_per_second, done)
     label = run.method.label(done - 1)
-    progress.set_postfix(loss=f"{values['total']:.4f}", stage=label)
+    progress.set_postfix({n: f"{v:.4f}" for n, v in values.items() if n.endswith("total")}, stage=label)
     logger.info(f"step {done:07d} [{label}] " + " ".join(f"{n}={v:.4f}" for n, v in values.items())
                 + f" images/s={images_per_second:.1f}")
 
