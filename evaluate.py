@@ -2,9 +2,9 @@
 
 Two metric sets:
   --digits       the embedded default. A small CNN trained on the digits 'train' split (cached under --cache-dir)
-                 gives the class accuracy of the samples (did the model draw the digit it was asked for?) and a
-                 Frechet distance between its penultimate features of the samples and of the held-out 'test' digits.
-                 The same two numbers for real digits are printed beside them as the reference.
+                 gives the class accuracy of the samples (did the model draw the digit it was asked for?), and a
+                 Frechet distance and precision/recall (k=3) between its penultimate features of the samples and of
+                 the held-out 'test' digits. The same numbers for real digits are printed beside them as the reference.
   --ref-batch    ImageNet scale: FID, Inception Score and precision/recall (k=3) against an ADM reference batch,
                  with torchvision's Inception-V3 architecture and weights from a local file (--inception-weights).
 
@@ -326,25 +326,29 @@ def load_digits_scorer(cache_dir=DEFAULT_CACHE_DIR):
 
 
 def digits_scores(images_uint8_nhwc, labels, cache_dir=DEFAULT_CACHE_DIR, batch_size=256):
-    """Class accuracy of samples and the Frechet distance of their scorer features to the held-out test digits.
+    """Class accuracy of samples, and the Frechet distance and precision/recall of their scorer features against the
+    held-out test digits (precision: share of samples on the test digits' manifold; recall: the converse).
 
     The test digits are first brought to the samples' size (see real_digits_uint8), so resizing costs nothing.
-    Returns dict(accuracy=float, frechet=float, n=int).
+    Returns dict(accuracy=float, frechet=float, precision=float, recall=float, n=int).
     """
     image_size = check_digits_samples(images_uint8_nhwc, labels)
     net = load_digits_scorer(cache_dir)
     feats, logits = digits_features(net, images_uint8_nhwc, batch_size)
     test_feats, _ = digits_features(net, real_digits_uint8("test", image_size)[0], batch_size)
     frechet = fid_from_feats(*feature_statistics(feats), *feature_statistics(test_feats))
+    # Frechet distance compares two Gaussians and can hide a collapse onto a few modes; recall shows it.
+    precision, recall = precision_recall(test_feats, feats)
     accuracy = float((logits.argmax(1) == np.asarray(labels)).mean())
-    return dict(accuracy=accuracy, frechet=frechet, n=len(images_uint8_nhwc))
+    return dict(accuracy=accuracy, frechet=frechet, precision=precision, recall=recall, n=len(images_uint8_nhwc))
 
 
 def digits_reference_scores(cache_dir=DEFAULT_CACHE_DIR, image_size=DIGITS_SIZE):
     """The same numbers for real digits at image_size: accuracy on the held-out test digits (a ceiling for samples)
-    and the Frechet distance between real train and held-out test digits (a floor: two real sets of digits).
+    and the Frechet distance and precision/recall between real train and held-out test digits (what two real sets
+    of digits give; the train digits stand where the samples stand in digits_scores).
 
-    Returns dict(accuracy=float, frechet=float, n=int, frechet_between=str).
+    Returns dict(accuracy=float, frechet=float, precision=float, recall=float, n=int, frechet_between=str).
     """
     net = load_digits_scorer(cache_dir)
     test_images, test_labels = real_digits_uint8("test", image_size)
@@ -352,9 +356,11 @@ def digits_reference_scores(cache_dir=DEFAULT_CACHE_DIR, image_size=DIGITS_SIZE)
     test_feats, test_logits = digits_features(net, test_images)
     train_feats, _ = digits_features(net, train_images)
     frechet = fid_from_feats(*feature_statistics(train_feats), *feature_statistics(test_feats))
+    precision, recall = precision_recall(test_feats, train_feats)
     accuracy = float((test_logits.argmax(1) == test_labels).mean())
     between = f"real train digits ({len(train_images)}) vs held-out real test digits ({len(test_images)})"
-    return dict(accuracy=accuracy, frechet=frechet, n=len(test_images), frechet_between=between)
+    return dict(accuracy=accuracy, frechet=frechet, precision=precision, recall=recall, n=len(test_images),
+                frechet_between=between)
 
 
 #################################################################################
@@ -454,8 +460,11 @@ def print_digits_table(path, image_shape, scores, reference, cache_dir):
           f"held-out real test digits ({reference['n']}): the ceiling")
     print(f"{'Frechet distance':<18}{scores['frechet']:>10.4f}{reference['frechet']:>10.4f}  "
           f"{reference['frechet_between']}: the floor")
-    print(f"The samples' Frechet distance is to the held-out real test digits ({reference['n']}) in the scorer's "
-          f"penultimate features; it falls as N grows, so compare runs at equal N.")
+    for key, name in (("precision", "precision (k=3)"), ("recall", "recall (k=3)")):
+        print(f"{name:<18}{scores[key]:>10.4f}{reference[key]:>10.4f}  {reference['frechet_between']}")
+    print(f"The samples' Frechet distance, precision and recall are against the held-out real test digits "
+          f"({reference['n']}) in the scorer's penultimate features; the Frechet distance and recall depend on N, "
+          f"so compare runs at equal N.")
 
 
 def print_imagenet_table(path, ref_path, weights_path, scores):
@@ -507,8 +516,8 @@ def parse_args(argv=None):
     parser.add_argument("samples", help="the .npz of samples to score (as written by sample.py)")
     metrics = parser.add_mutually_exclusive_group(required=True)
     metrics.add_argument("--digits", action="store_true",
-                         help="score digits samples (8x8, or square of another size, gray or RGB): class accuracy "
-                              "and Frechet distance in a small CNN's features")
+                         help="score digits samples (8x8, or square of another size, gray or RGB): class accuracy, "
+                              "Frechet distance and precision/recall (k=3) in a small CNN's features")
     metrics.add_argument("--ref-batch", default=None,
                          help="ADM reference batch .npz (arr_0 uint8 images) for FID, Inception Score and "
                               "precision/recall")

@@ -146,7 +146,8 @@ def score_exports(args, exported):
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
                                          cache_dir=os.path.join(args.out, "digits_scorer"))
         scores[name]["megabytes"] = os.path.getsize(path) / 2**20
-        scores[name]["precision"] = exported_metadata(path)["precision"]
+        # the file's number format (fp32 / int8 / fp16); "precision" is already the sample precision metric
+        scores[name]["number_format"] = exported_metadata(path)["precision"]
     return scores
 
 
@@ -232,7 +233,7 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               "|---|---|---:|---:|---:|---:|---:|"]
     for name, path in exported.items():
         score = export_scores[name]
-        lines.append(f"| {os.path.relpath(path, args.out)} | {score['precision']} | {score['megabytes']:.2f} | "
+        lines.append(f"| {os.path.relpath(path, args.out)} | {score['number_format']} | {score['megabytes']:.2f} | "
                      f"{score['latency_vs_fp32'][1]:.2f} | {score['latency_vs_fp32'][8]:.2f} | "
                      f"{score['accuracy']:.3f} | {score['frechet']:.2f} |")
     path = os.path.join(args.out, "report.md")

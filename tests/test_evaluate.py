@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +124,63 @@ def test_precision_recall_matches_brute_force():
     assert recall == pytest.approx(share_inside(real, fake))
 
 
+def double_loop_precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. 2019 written out pair by pair in float64: each point's radius is the distance to its k-th
+    nearest other point of its own set; a point is inside a manifold if within the radius of one of its points."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+
+    def radii(feats):
+        out = []
+        for i in range(len(feats)):
+            others = [np.sqrt(np.sum((feats[i] - feats[j]) ** 2)) for j in range(len(feats)) if j != i]
+            out.append(sorted(others)[k - 1])
+        return out
+
+    def share_inside(points, centers, center_radii):
+        inside = [any(np.sqrt(np.sum((point - center) ** 2)) <= radius for center, radius in zip(centers, center_radii))
+                  for point in points]
+        return sum(inside) / len(points)
+
+    return share_inside(fake, real, radii(real)), share_inside(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("num_real,num_fake,dim,batch_size", [(50, 40, 4, 1000), (37, 61, 16, 8)])
+def test_precision_recall_matches_double_loop(num_real, num_fake, dim, batch_size):
+    rng = np.random.RandomState(num_real)
+    real, fake = rng.randn(num_real, dim) * 2 + 1, rng.randn(num_fake, dim) * 2.5 + 1.5
+    expected = double_loop_precision_recall(real, fake)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # the radii decide some points both ways
+    assert evaluate.precision_recall(real, fake, batch_size=batch_size) == pytest.approx(expected, abs=1e-12)
+
+
+def test_precision_recall_closed_forms():
+    rng = np.random.RandomState(4)
+    real = rng.randn(300, 16)
+    assert evaluate.precision_recall(real, real) == (1.0, 1.0)  # a set against itself
+    # Mode collapse: every generated point on real point 0. All of them lie on the real manifold (precision 1), but
+    # their radii are 0, so they cover at most that one real point: recall at most 1/N.
+    precision, recall = evaluate.precision_recall(real, np.repeat(real[:1], 300, axis=0))
+    assert precision == 1.0 and recall <= 1 / 300
+    assert evaluate.precision_recall(real, real + 1000.0) == (0.0, 0.0)  # far away: neither covers the other
+
+
+def test_precision_recall_unchanged_for_ref_batch():
+    # Values of precision_recall (the --ref-batch path's, now shared with --digits) computed before the digits scores
+    # used it: the counts of points inside, out of 300 fake and 400 real.
+    rng = np.random.RandomState(19)
+    real, fake = rng.randn(400, 256).astype(np.float32), (rng.randn(300, 256) * 1.1 + 0.05).astype(np.float32)
+    assert evaluate.precision_recall(real, fake, batch_size=128) == (13 / 300, 391 / 400)
+    real, fake = rng.randn(400, 16), rng.randn(300, 16) * 1.3 + 0.3
+    assert evaluate.precision_recall(real, fake, batch_size=128) == (105 / 300, 389 / 400)
+
+
+def test_precision_recall_is_fast():
+    real, fake = np.random.RandomState(5).randn(1000, 64), np.random.RandomState(6).randn(1000, 64)
+    start = time.perf_counter()
+    evaluate.precision_recall(real, fake)
+    assert time.perf_counter() - start < 1.0  # about 0.03 s on one CPU core
+
+
 #################################################################################
 #                         Digits scorer                                         #
 #################################################################################
@@ -135,6 +193,7 @@ def test_digits_scorer_accuracy_and_checkpoint(scorer_dir):
     reference = evaluate.digits_reference_scores(scorer_dir)
     assert reference["accuracy"] == pytest.approx(checkpoint["test_accuracy"])
     assert reference["n"] == 297 and reference["frechet"] > 0 and "train" in reference["frechet_between"]
+    assert 0.8 < reference["precision"] <= 1 and 0.8 < reference["recall"] <= 1  # two real sets of digits
 
 
 def test_digits_scores_real_vs_noise(scorer_dir):
@@ -142,6 +201,7 @@ def test_digits_scores_real_vs_noise(scorer_dir):
     images, labels = evaluate.real_digits_uint8("test")
     real = evaluate.digits_scores(images, labels, scorer_dir)
     assert real["accuracy"] >= 0.95 and real["frechet"] < 1e-6 and real["n"] == 297
+    assert (real["precision"], real["recall"]) == (1.0, 1.0)
     # Upsampled to 16px and RGB, as a model trained at 16px would draw them: still scored as real digits.
     big, _ = evaluate.real_digits_uint8("test", image_size=16)
     big_rgb = evaluate.digits_scores(np.repeat(big, 3, axis=3), labels, scorer_dir)
@@ -151,6 +211,12 @@ def test_digits_scores_real_vs_noise(scorer_dir):
     assert train["accuracy"] >= 0.97 and train["frechet"] < 4 * floor
     noise = evaluate.digits_scores(random_images(297, 8, 1, seed=0), labels, scorer_dir)
     assert noise["accuracy"] < 0.3 and noise["frechet"] > 20 * max(floor, train["frechet"])
+    assert noise["precision"] < 0.1
+    # Mode collapse: the first test digit of each class, repeated for every label. The right digits and on the real
+    # manifold (precision 1), but covering at most those 10 of the 297 test digits: recall shows what accuracy hides.
+    first_of_class = np.array([np.flatnonzero(labels == digit)[0] for digit in labels])
+    collapsed = evaluate.digits_scores(images[first_of_class], labels, scorer_dir)
+    assert collapsed["accuracy"] >= 0.95 and collapsed["precision"] == 1.0 and collapsed["recall"] <= 10 / 297
     shuffled = evaluate.digits_scores(images, np.random.RandomState(0).permutation(labels), scorer_dir)
     assert shuffled["accuracy"] < 0.3  # right digits, wrong requested classes
 
@@ -310,11 +376,14 @@ def test_cli_digits_end_to_end(tmp_path, scorer_dir):
     result = run_cli(str(tmp_path / "samples.npz"), "--digits", "--cache-dir", scorer_dir, "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "class accuracy" in result.stdout and "Frechet distance" in result.stdout
+    assert "precision (k=3)" in result.stdout and "recall (k=3)" in result.stdout
     scores = json.loads(out.read_text())
     assert [p.name for p in out.parent.iterdir()] == ["scores.json"]  # written atomically: no temporary left
     assert scores["metrics"] == "digits" and scores["scores"]["n"] == 120
     assert scores["scores"]["accuracy"] >= 0.95
     assert scores["reference"]["accuracy"] >= 0.95
+    for side in ("scores", "reference"):
+        assert 0 < scores[side]["precision"] <= 1 and 0 < scores[side]["recall"] <= 1
 
 
 def test_cli_errors(tmp_path):
