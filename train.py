@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from adversarial import AdversarialDistillation
 from checkpoints import check_resumable, checkpoint_contents, checkpoint_dir, latest_checkpoint, load_checkpoint
 from checks import (UserError, lock_folder, non_negative_float, non_negative_int, positive_int, probability,
                     remove_temporaries, run_script)
@@ -40,7 +41,8 @@ from step_distill import ConsistencyDistillation, GuidanceDistillation, Progress
 # The training methods, by name: --model trains "plain", --distillation runs "distillation", --step-distillation NAME
 # runs NAME. A new method is one module and one line here.
 METHODS = {"plain": PlainTraining, "distillation": SizeDistillation, "progressive": ProgressiveDistillation,
-           "consistency": ConsistencyDistillation, "guidance": GuidanceDistillation, "dmd2": DMD2}
+           "consistency": ConsistencyDistillation, "guidance": GuidanceDistillation, "dmd2": DMD2,
+           "adversarial": AdversarialDistillation}
 
 
 #################################################################################

@@ -1,5 +1,7 @@
-"""DMD2: the distribution-matching gradient against its closed form, the fake score's stop-gradient, the two time-scale
-schedule, zero GAN weight = DMD, backward simulation, and train.py / sample.py end to end (resume, 2 processes = 1)."""
+"""One-step students. DMD2: the distribution-matching gradient against its closed form, the fake score's stop-gradient,
+the two time-scale schedule, zero GAN weight = DMD, backward simulation; adversarial distillation (ADD / LADD): its
+terms, the frozen teacher as the discriminator's features; both through train.py and sample.py end to end (resume
+after kill -9, 2 processes = 1, bad inputs)."""
 import os
 
 import pytest
@@ -173,3 +175,49 @@ def test_dmd2_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
     result = run_script("train.py", *dmd2_args(str(tmp_path / "cd" / "checkpoints" / "0000001.pt"), tmp_path / "x"),
                         check=False)
     assert result.returncode == 1 and "needs a diffusion model as its real score" in result.stderr
+
+
+def adversarial_args(teacher_ckpt, results_dir, *extra):
+    return ["--step-distillation", "adversarial", "--teacher-ckpt", teacher_ckpt, "--sampling-steps", 2,
+            "--max-steps", 6, "--adversarial-levels", 2, "--results-dir", results_dir, *TINY, *extra]
+
+
+def test_adversarial_trains_resumes_exactly_in_two_processes_and_samples_its_grid(teacher_ckpt, tmp_path):
+    one, killed, two = tmp_path / "one", tmp_path / "killed", tmp_path / "two"
+    run_script("train.py", *adversarial_args(teacher_ckpt, one, "--ckpt-every", 3))
+    a = load(one / "checkpoints" / "0000006.pt")
+    assert a["sampling"]["method"] == "adversarial" and a["sampling"]["steps"] == [1, 2]
+    assert a["opt"]["state"][0]["step"].item() == 6 and a["opt_discriminator"]["state"][0]["step"].item() == 6
+    assert set(a["discriminator"]) >= {"heads.0.net.1.weight", "heads.1.net.3.bias"}
+    assert a["discriminator"]["heads.0.net.3.weight"].abs().sum() > 0  # the heads learned (they start at zero)
+    kill_after_checkpoint(adversarial_args(teacher_ckpt, killed, "--ckpt-every", 3),
+                          killed / "checkpoints" / "0000003.pt")
+    assert "resumed from" in run_script("train.py", *adversarial_args(teacher_ckpt, killed, "--ckpt-every", 3)).stdout
+    b = load(killed / "checkpoints" / "0000006.pt")
+    run_train("--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+              *map(str, adversarial_args(teacher_ckpt, two, "--ckpt-every", 3)), module="torch.distributed.run")
+    c = load(two / "checkpoints" / "0000006.pt")
+    for key in ("model", "ema", "discriminator"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resuming"
+            if key != "ema":
+                torch.testing.assert_close(a[key][name], c[key][name], rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    run_script("sample.py", "--ckpt", one / "checkpoints" / "0000006.pt", "--out", tmp_path / "g.png",
+               "--num-samples", 4, "--num-sampling-steps", 1)
+
+
+def test_adversarial_terms_and_frozen_teacher(teacher_ckpt, tmp_path):
+    args = train.parse_args([str(a) for a in adversarial_args(teacher_ckpt, tmp_path, "--adversarial-distill-weight",
+                                                              0)])
+    data = dict(image_size=8, latent=False, vae=None, **PIXEL)
+    run = train.build_run(args, data, torch.device("cpu"), world_size=1)
+    teacher = {k: v.clone() for k, v in run.method.teacher.state_dict().items()}
+    for step in range(2):
+        draws = train.step_draws(run.method, args, data, step, 0, 1, torch.device("cpu"))
+        values = train.train_step(run, step, torch.rand(16, 1, 8, 8) * 2 - 1, torch.arange(16) % 10, draws)
+        assert "distill" not in values and "adversarial" in values  # weight 0: LADD's adversarial loss alone
+    assert all(torch.equal(v, teacher[k]) for k, v in run.method.teacher.state_dict().items())
+    assert all(p.grad is None for p in run.method.teacher.parameters())
+    result = run_script("train.py", *adversarial_args(teacher_ckpt, tmp_path / "l", "--adversarial-levels", 9),
+                        check=False)
+    assert result.returncode == 1 and "the teacher has 4 blocks" in result.stderr
