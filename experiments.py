@@ -6,6 +6,7 @@
   initial noise, scored by evaluate.py's digits scorer, and timed side by side (evaluate_rows, time_sampling).
 - time_side_by_side: the one interleaved timing loop. Rows are timed in turn, round after round, so load from other
   jobs hits them alike and their ratios come from one run.
+- training_costs: time, forwards and memory of train.py's own step for several methods, side by side.
 - time_exports: CPU latency of exported files relative to their fp32 file, through export.py's fresh-process runner.
 """
 import json
@@ -138,6 +139,48 @@ def evaluate_rows(rows, labels, seed, timing_samples, cache_dir, timing_rounds=3
     for name, seconds in time_sampling(rows, labels, seed, timing_samples, timing_rounds).items():
         results[name]["seconds_per_image"] = seconds
     return results
+
+
+#################################################################################
+#                       What a training step of a method costs                  #
+#################################################################################
+
+def training_costs(methods, data, cycle=5, repeats=3):
+    """{name: cost} of train.py's step for each method {name: train.py argv}, measured side by side in one run.
+
+    Each method's run is built as train.py builds it (train.build_run) and stepped with train.train_step for `cycle`
+    iterations per timed call, so a 5:1 update schedule is timed whole; cost = {"seconds": per iteration (median of
+    `repeats` interleaved rounds), "forwards": {network: forwards per example and iteration}, "networks": the
+    trainable and frozen networks, "extra_mib": their weights (and the trainable ones' two AdamW moments) beyond
+    the student, its EMA and its AdamW}."""
+    import train
+    device, runs, counts, functions = torch.device("cpu"), {}, {}, {}
+    x0 = torch.rand(128, data["in_channels"], data["input_size"], data["input_size"]) * 2 - 1
+    y = torch.arange(128) % data["num_classes"]
+    for name, argv in methods.items():
+        args = train.parse_args([str(a) for a in argv] + ["--global-batch-size", "128"])
+        run = runs[name] = train.build_run(args, data, device, world_size=1)
+        counts[name] = {}
+        for net_name, net in {**run.method.trainable, **run.method.frozen}.items():
+            if isinstance(net, torch.nn.Module) and hasattr(net, "config"):  # a DiT: count its forwards per example
+                net.register_forward_hook(lambda module, inputs, output, c=counts[name], n=net_name:
+                                          c.__setitem__(n, c.get(n, 0) + len(inputs[0]) / len(x0)))
+        draws = [train.step_draws(run.method, args, data, step, 0, 1, device) for step in range(cycle)]
+        functions[name] = partial(lambda run, draws: [train.train_step(run, step, x0, y, draws[step])
+                                                      for step in range(cycle)], run, draws)
+    timings = time_side_by_side(functions, warmup=1, repeats=repeats)
+    costs = {}
+    for name, run in runs.items():
+        calls = (1 + repeats) * cycle  # the warm-up call and the timed ones
+        method = run.method
+        extra = sum(p.numel() * 4 * 3 for n, net in method.trainable.items() if n != "student"
+                    for p in net.parameters()) + sum(p.numel() * p.element_size() for net in method.frozen.values()
+                                                     for p in net.parameters())
+        costs[name] = {"seconds": timings[name][0] / cycle,
+                       "forwards": {n: round(c / calls, 2) for n, c in counts[name].items()},
+                       "networks": {"trainable": list(method.trainable), "frozen": list(method.frozen)},
+                       "extra_mib": extra / 2 ** 20}
+    return costs
 
 
 #################################################################################

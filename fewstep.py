@@ -4,13 +4,17 @@
 
 Trains (with train.py --step-distillation; finished runs are reused) a progressive student of the teacher (rounds
 64 -> 32 -> ... -> 1, a checkpoint at the end of every round, so each round's student is a row), a consistency
-student, and a guidance-distilled student, then samples every row for the same labels and initial noise, scores it
-with evaluate.py's digits scorer, and times it against the teacher's DDIM 50 in the same run. Rows:
+student, a guidance-distilled student, the one-step methods (DMD2 with and without its GAN term and at each
+real-score guidance scale of --dmd2-real-guidance, adversarial distillation), then samples every row for the same
+labels and initial noise, scores it with evaluate.py's digits scorer (class accuracy, Frechet distance, precision,
+recall), and times it against the teacher's DDIM 50 in the same run. Rows:
 - the teacher at DDIM 50 (the reference) and at 1 / 2 / 4 / 8 DDIM steps on the trailing grid (training-free);
-- the progressive and the consistency students at 1 / 2 / 4 / 8 steps;
+- the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4;
 - guidance: the teacher with classifier-free guidance (two forwards per step) against the guidance-distilled
   student (one forward, w as its input) at the same scales and steps.
-Writes fewstep.md and fewstep.json into --out.
+and the cost of a training step of consistency, DMD2 and adversarial distillation, measured side by side
+(experiments.training_costs). --methods picks the families to train and score. Writes fewstep.md and fewstep.json
+into --out.
 """
 import argparse
 import json
@@ -18,29 +22,34 @@ import os
 
 import numpy as np
 
-from checks import non_negative_float, probability, run_script
-from experiments import digits_labels, evaluate_rows, final_checkpoint, run
+from checks import non_negative_float, positive_float, positive_int, probability, run_script, write_atomically
+from experiments import digits_labels, evaluate_rows, final_checkpoint, run, training_costs
 
 STEP_COUNTS = (1, 2, 4, 8)
+ONE_STEP_COUNTS = (1, 2, 4)  # a DMD2 / adversarial student of the 4-point grid samples in 1, 2 or 4 steps
 REFERENCE_STEPS = 50
+METHOD_FAMILIES = ("progressive", "consistency", "guidance", "dmd2", "adversarial")
+
+
+def common_flags(args):
+    return ["--teacher-ckpt", args.teacher_ckpt, "--seed", args.seed, "--global-batch-size", 128, "--log-every", 100]
 
 
 def train_students(args):
     """Progressive, consistency and guidance students of the teacher (train.py resumes or skips finished runs)."""
     start = 64
     rounds = int(np.log2(start))  # 64 -> 1
-    common = ["--teacher-ckpt", args.teacher_ckpt, "--seed", args.seed, "--global-batch-size", 128, "--log-every", 100,
-              "--lr", args.lr]
+    common = common_flags(args) + ["--lr", args.lr]
     runs = {name: os.path.join(args.out, name) for name in ("progressive", "consistency", "guidance")}
     progressive_steps = args.steps // rounds * rounds
-    if not os.path.exists(final_checkpoint(runs["progressive"], progressive_steps)):
+    if "progressive" in args.methods and not os.path.exists(final_checkpoint(runs["progressive"], progressive_steps)):
         run("train.py", "--step-distillation", "progressive", "--progressive-start-steps", start, "--sampling-steps", 1,
             "--max-steps", progressive_steps, "--ckpt-every", progressive_steps // rounds,
             "--ema-decay", args.progressive_ema_decay, "--results-dir", runs["progressive"], *common)
-    if not os.path.exists(final_checkpoint(runs["consistency"], args.steps)):
-        run("train.py", "--step-distillation", "consistency", "--sampling-steps", 4, "--max-steps", args.steps,
-            "--ckpt-every", args.steps, "--ema-decay", args.ema_decay, "--results-dir", runs["consistency"], *common)
-    if not os.path.exists(final_checkpoint(runs["guidance"], args.guidance_steps)):
+    if "consistency" in args.methods and not os.path.exists(final_checkpoint(runs["consistency"], args.steps)):
+        run("train.py", *consistency_flags(args), "--ckpt-every", args.steps, "--results-dir", runs["consistency"],
+            *common)
+    if "guidance" in args.methods and not os.path.exists(final_checkpoint(runs["guidance"], args.guidance_steps)):
         run("train.py", "--step-distillation", "guidance", "--guidance-range", *args.guidance_range,
             "--max-steps", args.guidance_steps, "--ckpt-every", args.guidance_steps, "--ema-decay", args.ema_decay,
             "--results-dir", runs["guidance"], *common)
@@ -49,6 +58,61 @@ def train_students(args):
                    for r in range(rounds)}
     return progressive, final_checkpoint(runs["consistency"], args.steps), \
         final_checkpoint(runs["guidance"], args.guidance_steps), progressive_steps
+
+
+def consistency_flags(args):
+    return ["--step-distillation", "consistency", "--sampling-steps", 4, "--max-steps", args.steps,
+            "--ema-decay", args.ema_decay]
+
+
+def dmd2_flags(args, gan=True, real_guidance=1.0):
+    return ["--step-distillation", "dmd2", "--sampling-steps", 4, "--max-steps", args.dmd2_steps,
+            "--lr", args.dmd2_lr, "--dmd2-fake-lr", args.dmd2_fake_lr, "--ema-decay", args.ema_decay,
+            "--dmd2-gan-generator-weight", args.dmd2_gan_weight if gan else 0,
+            "--dmd2-gan-discriminator-weight", 1e-2 if gan else 0, "--dmd2-gan-max-t", args.dmd2_gan_max_t,
+            "--dmd2-real-guidance", real_guidance]
+
+
+def adversarial_flags(args):
+    return ["--step-distillation", "adversarial", "--sampling-steps", 4, "--max-steps", args.adversarial_steps,
+            "--lr", args.adversarial_lr, "--ema-decay", args.ema_decay, "--adversarial-max-t", args.dmd2_gan_max_t]
+
+
+def one_step_runs(args):
+    """{row label: (train.py flags, run folder, steps)} of the one-step methods: DMD2 (with its GAN term, without it:
+    the paper's ablation, and at each further real-score guidance scale) and adversarial distillation."""
+    runs = {}
+    if "dmd2" in args.methods:
+        runs["dmd2 student"] = (dmd2_flags(args), "dmd2", args.dmd2_steps)
+        runs["dmd2 without GAN student"] = (dmd2_flags(args, gan=False), "dmd2_nogan", args.dmd2_steps)
+        for w in args.dmd2_real_guidance:
+            if w != 1:
+                runs[f"dmd2 real-score w={w:g} student"] = (dmd2_flags(args, real_guidance=w), f"dmd2_w{w:g}",
+                                                           args.dmd2_steps)
+    if "adversarial" in args.methods:
+        runs["adversarial student"] = (adversarial_flags(args), "adversarial", args.adversarial_steps)
+    for flags, folder, steps in runs.values():
+        results_dir = os.path.join(args.out, folder)
+        if not os.path.exists(final_checkpoint(results_dir, steps)):
+            run("train.py", *flags, *common_flags(args), "--ckpt-every", steps, "--results-dir", results_dir)
+    return {label: final_checkpoint(os.path.join(args.out, folder), steps)
+            for label, (_, folder, steps) in runs.items()}
+
+
+def cost_table(args, teacher_data):
+    """Time, forwards and memory of one training step of consistency, DMD2 and adversarial, side by side."""
+    data = dict(teacher_data, in_channels=1, input_size=teacher_data["image_size"], num_classes=10)
+    methods = {"consistency": consistency_flags(args), "dmd2": dmd2_flags(args),
+               "adversarial": adversarial_flags(args)}
+    costs = training_costs({name: flags + common_flags(args)[:2] for name, flags in methods.items()}, data)
+    lines = ["| method | networks trained / frozen | forwards per example and iteration | memory beside the "
+             "student, its EMA and AdamW | time per iteration vs consistency |", "|---|---|---|---:|---:|"]
+    for name, cost in costs.items():
+        forwards = ", ".join(f"{n} {c:g}" for n, c in cost["forwards"].items())
+        lines.append(f"| {name} | {', '.join(cost['networks']['trainable'])} / {', '.join(cost['networks']['frozen'])}"
+                     f" | {forwards} | {cost['extra_mib']:.1f} MiB | "
+                     f"{cost['seconds'] / costs['consistency']['seconds']:.2f} |")
+    return "\n".join(lines), costs
 
 
 def score_rows(args, rows):
@@ -60,13 +124,15 @@ def score_rows(args, rows):
 
 def table(results, reference, training):
     lines = ["| sampler | steps | forwards / image | sampling time vs teacher DDIM 50 | class accuracy | "
-             "Frechet distance | vs DDIM 50 | training steps |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Frechet distance | vs DDIM 50 | precision | recall | training steps |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
         sampler, steps = name.rsplit(" ", 1)
         lines.append(f"| {sampler} | {steps} | {result['forwards']} | "
                      f"{result['seconds_per_image'] / results[reference]['seconds_per_image']:.3f} | "
                      f"{result['accuracy']:.3f} | {result['frechet']:.2f} | "
-                     f"{result['frechet'] / results[reference]['frechet']:.2f}x | {training.get(name, '-')} |")
+                     f"{result['frechet'] / results[reference]['frechet']:.2f}x | {result['precision']:.3f} | "
+                     f"{result['recall']:.3f} | {training.get(name, '-')} |")
     return "\n".join(lines)
 
 
@@ -74,26 +140,56 @@ def main(args):
     from models import load_dit_checkpoint
     os.makedirs(args.out, exist_ok=True)
     progressive, consistency_ckpt, guidance_ckpt, progressive_steps = train_students(args)
+    one_step = one_step_runs(args)
     teacher, teacher_data = load_dit_checkpoint(args.teacher_ckpt)
-    consistency, consistency_data = load_dit_checkpoint(consistency_ckpt)
     reference = f"teacher DDIM {REFERENCE_STEPS}"
     unguided = dict(cfg_scale=1.0)
     rows = {reference: (teacher, teacher_data, dict(sampler="ddim", num_sampling_steps=REFERENCE_STEPS, **unguided))}
     for steps in STEP_COUNTS:
         rows[f"teacher DDIM (trailing) {steps}"] = (teacher, teacher_data,
                                                     dict(sampler="ddim-trailing", num_sampling_steps=steps, **unguided))
-    for steps in STEP_COUNTS:
-        model, data = load_dit_checkpoint(progressive[steps])
-        rows[f"progressive student {steps}"] = (model, data, dict(sampler=None, num_sampling_steps=steps, **unguided))
-    for steps in STEP_COUNTS:
-        rows[f"consistency student {steps}"] = (consistency, consistency_data,
-                                                dict(sampler=None, num_sampling_steps=steps, **unguided))
+    students = {}  # row label -> (checkpoint, step counts, training steps)
+    if "progressive" in args.methods:
+        round_length = progressive_steps // 6  # the N-step progressive student has trained every round down to N
+        for steps in STEP_COUNTS:
+            students[f"progressive student {steps}"] = (progressive[steps], (steps,),
+                                                        f"{round_length * (7 - steps.bit_length())} "
+                                                        f"({7 - steps.bit_length()} rounds)")
+    if "consistency" in args.methods:
+        students["consistency student"] = (consistency_ckpt, STEP_COUNTS, str(args.steps))
+    for label, ckpt in one_step.items():
+        students[label] = (ckpt, ONE_STEP_COUNTS, str(args.dmd2_steps if label.startswith("dmd2")
+                                                      else args.adversarial_steps))
+    training = {}
+    for label, (ckpt, step_counts, trained) in students.items():
+        model, data = load_dit_checkpoint(ckpt)
+        for steps in step_counts:
+            name = label if label.startswith("progressive") else f"{label} {steps}"
+            rows[name] = (model, data, dict(sampler=None, num_sampling_steps=steps, **unguided))
+            training[name] = trained
     results = score_rows(args, rows)
-    round_length = progressive_steps // 6  # the N-step progressive student has trained every round down to N
-    training = {**{f"progressive student {steps}": f"{round_length * (7 - steps.bit_length())} "
-                                                   f"({7 - steps.bit_length()} rounds)" for steps in STEP_COUNTS},
-                **{f"consistency student {steps}": str(args.steps) for steps in STEP_COUNTS}}
+    text = (f"Teacher {args.teacher_ckpt}; {args.num_samples} samples per row (classes 0-9 in turn, the same initial "
+            f"noise for every row, seed {args.seed}), scored by evaluate.py's digits scorer; sampling time per image "
+            f"relative to the teacher's DDIM {REFERENCE_STEPS}, median of 3 interleaved rounds on a batch of "
+            f"{args.timing_samples}. Few-step rows are unguided.\n\n{table(results, reference, training)}\n")
+    report = {"rows": results}
+    if "guidance" in args.methods:
+        guided_lines, report["guidance"] = guidance_table(args, teacher, teacher_data, guidance_ckpt)
+        text += (f"\nGuidance (DDIM {REFERENCE_STEPS}; the guidance-distilled student trained {args.guidance_steps} "
+                 f"steps on w in {args.guidance_range}):\n\n{guided_lines}\n")
+    if {"consistency", "dmd2", "adversarial"} <= set(args.methods):
+        costs, report["costs"] = cost_table(args, teacher_data)
+        text += (f"\nOne training iteration (batch 128, train.py's own step, one CPU process; averaged over 5 "
+                 f"iterations, so DMD2's 5:1 schedule counts whole):\n\n{costs}\n")
+    write_atomically(os.path.join(args.out, "fewstep.md"), lambda path: open(path, "w").write(text))
+    write_atomically(os.path.join(args.out, "fewstep.json"), lambda path: json.dump(report, open(path, "w"),
+                                                                                    indent=2))
+    print(text)
 
+
+def guidance_table(args, teacher, teacher_data, guidance_ckpt):
+    """The teacher's two-forward guidance against the guidance-distilled student's one forward, at each w."""
+    from models import load_dit_checkpoint
     guided_rows = {}
     guidance, guidance_data = load_dit_checkpoint(guidance_ckpt)
     for w in args.guidance_scales:
@@ -102,32 +198,21 @@ def main(args):
             guided_rows[f"{label}, w={w} {REFERENCE_STEPS}"] = (
                 model, data, dict(sampler="ddim", num_sampling_steps=REFERENCE_STEPS, cfg_scale=w))
     guided = score_rows(args, guided_rows)
-    guided_lines = ["| model | w | forwards / image | sampling time vs teacher at the same w | class accuracy | "
-                    "Frechet distance |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | w | forwards / image | sampling time vs teacher at the same w | class accuracy | "
+             "Frechet distance |", "|---|---:|---:|---:|---:|---:|"]
     for w in args.guidance_scales:
         teacher_row = guided[f"teacher, two forwards, w={w} {REFERENCE_STEPS}"]
         for label in ("teacher, two forwards", "guidance-distilled student, one forward"):
             row = guided[f"{label}, w={w} {REFERENCE_STEPS}"]
-            guided_lines.append(f"| {label} | {w} | {row['forwards']} | "
-                                f"{row['seconds_per_image'] / teacher_row['seconds_per_image']:.2f} | "
-                                f"{row['accuracy']:.3f} | {row['frechet']:.2f} |")
-
-    text = (f"Teacher {args.teacher_ckpt}; {args.num_samples} samples per row (classes 0-9 in turn, the same initial "
-            f"noise for every row, seed {args.seed}), scored by evaluate.py's digits scorer; sampling time per image "
-            f"relative to the teacher's DDIM {REFERENCE_STEPS}, median of 3 interleaved rounds on a batch of "
-            f"{args.timing_samples}. Few-step rows are unguided.\n\n{table(results, reference, training)}\n\n"
-            f"Guidance (DDIM {REFERENCE_STEPS}; the guidance-distilled student trained {args.guidance_steps} steps "
-            f"on w in {args.guidance_range}):\n\n" + "\n".join(guided_lines) + "\n")
-    with open(os.path.join(args.out, "fewstep.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "fewstep.json"), "w") as f:
-        json.dump({"rows": results, "guidance": guided}, f, indent=2)
-    print(text)
+            lines.append(f"| {label} | {w} | {row['forwards']} | "
+                         f"{row['seconds_per_image'] / teacher_row['seconds_per_image']:.2f} | "
+                         f"{row['accuracy']:.3f} | {row['frechet']:.2f} |")
+    return "\n".join(lines), guided
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Few-step students (progressive, consistency) and guidance "
-                                                 "distillation of a digits teacher, scored side by side.")
+    parser = argparse.ArgumentParser(description="Few-step students (progressive, consistency, DMD2, adversarial) and "
+                                                 "guidance distillation of a digits teacher, scored side by side.")
     parser.add_argument("--teacher-ckpt", required=True, help="digits teacher checkpoint (run_digits.py's)")
     parser.add_argument("--out", default="results/fewstep", help="output folder (finished runs are reused)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
@@ -144,6 +229,23 @@ def parse_args(argv=None):
     parser.add_argument("--progressive-ema-decay", type=probability, default=0.99,
                         help="EMA decay of the progressive student: its time constant (100 steps) must stay well "
                              "below a round (333 steps), or a round's EMA still holds the previous round's student")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_FAMILIES, default=list(METHOD_FAMILIES),
+                        help="method families to train and score (default: all)")
+    one = parser.add_argument_group("one-step methods")
+    one.add_argument("--dmd2-steps", type=positive_int, default=2000,
+                     help="DMD2 iterations (the generator updates at every 5th)")
+    one.add_argument("--dmd2-lr", type=positive_float, default=5e-4, help="the DMD2 generator's learning rate")
+    one.add_argument("--dmd2-fake-lr", type=positive_float, default=1e-3,
+                     help="the learning rate of DMD2's fake score and GAN head")
+    one.add_argument("--dmd2-gan-weight", type=non_negative_float, default=0.5,
+                     help="DMD2's generator GAN weight (its 3e-3 is scaled for ImageNet-64's 12,288 values per image; "
+                          "a digit has 64)")
+    one.add_argument("--dmd2-gan-max-t", type=positive_int, default=1000,
+                     help="the discriminators see inputs noised at t < N (DMD2 and adversarial)")
+    one.add_argument("--dmd2-real-guidance", type=positive_float, nargs="+", default=[1.0, 1.5],
+                     help="real-score guidance scales swept (1: none, the main row)")
+    one.add_argument("--adversarial-steps", type=positive_int, default=2000, help="adversarial distillation steps")
+    one.add_argument("--adversarial-lr", type=positive_float, default=2e-4, help="its learning rate")
     parser.add_argument("--num-samples", type=int, default=500, help="samples scored per row")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
     args = parser.parse_args(argv)
