@@ -65,8 +65,8 @@ def consistency_flags(args):
             "--ema-decay", args.ema_decay]
 
 
-def dmd2_flags(args, gan=True, real_guidance=1.0):
-    return ["--step-distillation", "dmd2", "--sampling-steps", 4, "--max-steps", args.dmd2_steps,
+def dmd2_flags(args, gan=True, real_guidance=1.0, steps=None):
+    return ["--step-distillation", "dmd2", "--sampling-steps", 4, "--max-steps", steps or args.dmd2_steps,
             "--lr", args.dmd2_lr, "--dmd2-fake-lr", args.dmd2_fake_lr, "--ema-decay", args.ema_decay,
             "--dmd2-gan-generator-weight", args.dmd2_gan_weight if gan else 0,
             "--dmd2-gan-discriminator-weight", 1e-2 if gan else 0, "--dmd2-gan-max-t", args.dmd2_gan_max_t,
@@ -79,24 +79,30 @@ def adversarial_flags(args):
 
 
 def one_step_runs(args):
-    """{row label: (train.py flags, run folder, steps)} of the one-step methods: DMD2 (with its GAN term, without it:
-    the paper's ablation, and at each further real-score guidance scale) and adversarial distillation."""
-    runs = {}
+    """{row label: (checkpoint, training steps)} of the one-step methods: DMD2, its ablations at
+    --dmd2-ablation-steps iterations (without its GAN term, as the paper's ablation, and at each further real-score
+    guidance scale, beside the main run's checkpoint at the same budget) and adversarial distillation; trains what
+    is not there yet."""
+    runs, ablation = {}, args.dmd2_ablation_steps
     if "dmd2" in args.methods:
-        runs["dmd2 student"] = (dmd2_flags(args), "dmd2", args.dmd2_steps)
-        runs["dmd2 without GAN student"] = (dmd2_flags(args, gan=False), "dmd2_nogan", args.dmd2_steps)
+        # the main run keeps a checkpoint every --dmd2-ablation-steps: its row at that budget is the ablation's reference
+        runs["dmd2 student"] = (dmd2_flags(args), "dmd2", args.dmd2_steps, ablation)
+        runs[f"dmd2 student at {ablation} iterations"] = (dmd2_flags(args), "dmd2", ablation, ablation)
+        runs[f"dmd2 without GAN at {ablation} iterations"] = (dmd2_flags(args, gan=False, steps=ablation),
+                                                              "dmd2_nogan", ablation, ablation)
         for w in args.dmd2_real_guidance:
             if w != 1:
-                runs[f"dmd2 real-score w={w:g} student"] = (dmd2_flags(args, real_guidance=w), f"dmd2_w{w:g}",
-                                                           args.dmd2_steps)
+                runs[f"dmd2 real-score w={w:g} at {ablation} iterations"] = (
+                    dmd2_flags(args, real_guidance=w, steps=ablation), f"dmd2_w{w:g}", ablation, ablation)
     if "adversarial" in args.methods:
-        runs["adversarial student"] = (adversarial_flags(args), "adversarial", args.adversarial_steps)
-    for flags, folder, steps in runs.values():
+        runs["adversarial student"] = (adversarial_flags(args), "adversarial", args.adversarial_steps,
+                                       args.adversarial_steps)
+    for flags, folder, steps, every in runs.values():
         results_dir = os.path.join(args.out, folder)
         if not os.path.exists(final_checkpoint(results_dir, steps)):
-            run("train.py", *flags, *common_flags(args), "--ckpt-every", steps, "--results-dir", results_dir)
-    return {label: final_checkpoint(os.path.join(args.out, folder), steps)
-            for label, (_, folder, steps) in runs.items()}
+            run("train.py", *flags, *common_flags(args), "--ckpt-every", every, "--results-dir", results_dir)
+    return {label: (final_checkpoint(os.path.join(args.out, folder), steps), steps)
+            for label, (_, folder, steps, _) in runs.items()}
 
 
 def cost_table(args, teacher_data):
@@ -157,9 +163,8 @@ def main(args):
                                                         f"({7 - steps.bit_length()} rounds)")
     if "consistency" in args.methods:
         students["consistency student"] = (consistency_ckpt, STEP_COUNTS, str(args.steps))
-    for label, ckpt in one_step.items():
-        students[label] = (ckpt, ONE_STEP_COUNTS, str(args.dmd2_steps if label.startswith("dmd2")
-                                                      else args.adversarial_steps))
+    for label, (ckpt, steps) in one_step.items():
+        students[label] = (ckpt, ONE_STEP_COUNTS, str(steps))
     training = {}
     for label, (ckpt, step_counts, trained) in students.items():
         model, data = load_dit_checkpoint(ckpt)
@@ -244,7 +249,12 @@ def parse_args(argv=None):
                      help="the discriminators see inputs noised at t < N (DMD2 and adversarial)")
     one.add_argument("--dmd2-real-guidance", type=positive_float, nargs="+", default=[1.0, 1.5],
                      help="real-score guidance scales swept (1: none, the main row)")
-    one.add_argument("--adversarial-steps", type=positive_int, default=2000, help="adversarial distillation steps")
+    one.add_argument("--dmd2-ablation-steps", type=positive_int, default=500,
+                     help="iterations of the ablation runs (no GAN, real-score guidance), compared with the main "
+                          "run's checkpoint at the same count")
+    one.add_argument("--adversarial-steps", type=positive_int, default=1000,
+                     help="adversarial distillation steps (each updates the student: 2.5x DMD2's 2,000 iterations' "
+                          "400 generator updates)")
     one.add_argument("--adversarial-lr", type=positive_float, default=2e-4, help="its learning rate")
     parser.add_argument("--num-samples", type=int, default=500, help="samples scored per row")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
