@@ -264,7 +264,7 @@ def pipeline_scheduler(data):
     spec, clip = SamplingSpec.from_checkpoint_entry(data["sampling"]), not data["latent"]
     if spec.sampler is None:
         return solver_scheduler("dpm++2m", clip)
-    return dit_pipeline.FewStepScheduler(spec.sampler, spec.consistency_skip or 1, clip)
+    return dit_pipeline.FewStepScheduler(spec.sampler, spec.consistency_skip or 1, clip, gamma=spec.gamma)
 
 
 def pipeline_decoder(data, vae):

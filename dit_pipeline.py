@@ -11,7 +11,7 @@
   label at num_classes (DiTPipeline passes 1000 whatever the model's class count). Same weights, same file layout.
 - XEpsDiTTransformer2DModel: a step-distilled student (progressive, consistency), whose two output groups are
   (eps~, x~); it returns its x_0 estimate (and zeros where DiTPipeline expects the learned variance).
-- FewStepScheduler: the samplers such students are distilled for (sampling.py's ddim-trailing and consistency), as
+- FewStepScheduler: the samplers such students are distilled for (sampling.py's ddim-trailing, consistency, tcd), as
   a diffusers scheduler that takes that x_0, at the timesteps sampling.SAMPLERS declares for them.
 - PixelDecoder: the identity in place of the VAE of a pixel-space model (DiTPipeline always decodes).
 """
@@ -24,8 +24,8 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from sampling import (DIFFUSION_STEPS, SAMPLERS, SamplingSpec, alpha_sigma, consistency_boundary, ddim_step,
-                      predict_x0_eps, q_sample)
+from sampling import (DIFFUSION_STEPS, SAMPLERS, TCD_GAMMA, SamplingSpec, alpha_sigma, consistency_boundary,
+                      ddim_step, predict_x0_eps, q_sample, tcd_step)
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class for guidance, fixed for ImageNet's 1000 classes
 
@@ -73,16 +73,18 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     - "ddim-trailing" (progressive students): deterministic DDIM on the trailing grid, ending at x_0;
     - "consistency": multistep consistency sampling (Song et al. 2023, Algorithm 1) on the trailing grid of every
       consistency_skip-th timestep, f = c_skip x_t + c_out x_0, re-noised with torch's global RNG between steps
-      (DiTPipeline passes no generator to step).
+      (DiTPipeline passes no generator to step);
+    - "tcd": TCD's strategic stochastic sampling (sampling.tcd_step) on the same grid with that f, at gamma (None:
+      TCD's default 0.3), forward-noised from the same RNG.
     clip_sample (pixel models): x_0 clamped to [-1, 1], as sample.py clamps it.
     """
     order = 1
 
     @register_to_config
     def __init__(self, sampler="consistency", consistency_skip=1, clip_sample=False,
-                 num_train_timesteps=DIFFUSION_STEPS):
-        if sampler not in ("ddim-trailing", "consistency"):
-            raise ValueError(f"FewStepScheduler samples 'ddim-trailing' or 'consistency', not {sampler!r}")
+                 num_train_timesteps=DIFFUSION_STEPS, gamma=None):
+        if sampler not in ("ddim-trailing", "consistency", "tcd"):
+            raise ValueError(f"FewStepScheduler samples 'ddim-trailing', 'consistency' or 'tcd', not {sampler!r}")
         if num_train_timesteps != DIFFUSION_STEPS:
             raise ValueError(f"DiT's schedule has {DIFFUSION_STEPS} timesteps, not {num_train_timesteps}")
         self.init_noise_sigma = 1.0
@@ -103,7 +105,8 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        """One step from `timestep` given the model's x_0 estimate (N, C, H, W); the last step returns x_0."""
+        """One step from `timestep` given the model's x_0 estimate (N, C, H, W); the last step returns x_0 (tcd: x at
+        s = 0)."""
         grid = self.timesteps.tolist()
         index = grid.index(int(timestep))
         t = torch.full((len(sample),), int(timestep), device=sample.device)
@@ -115,9 +118,15 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         else:
             previous = consistency_boundary(sample.float(), t, x0)
             previous = previous.clamp(-1, 1) if self.config.clip_sample else previous
+            noise = None
             if index + 1 < len(grid):  # the draw sample.py makes: on the CPU, then moved
-                noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32)
-                previous = q_sample(previous, s, noise.to(sample.device))
+                noise = torch.randn(sample.shape, generator=generator, dtype=torch.float32).to(sample.device)
+            if self.config.sampler == "tcd":
+                gamma = TCD_GAMMA if self.config.gamma is None else self.config.gamma
+                t_next = max(int(s[0]), 0)  # the next grid point, 0 after the last (TCD ends at s = 0)
+                previous = tcd_step(sample.float(), t, previous, t_next, gamma, noise)
+            elif noise is not None:
+                previous = q_sample(previous, s, noise)
         previous = previous.to(sample.dtype)
         return SchedulerOutput(prev_sample=previous) if return_dict else (previous,)
 

@@ -6,8 +6,8 @@ Standalone on purpose: copy this file and a file written by export.py to the tar
 it imports no project module. It reads the metadata export.py embeds in the file (image size, channels, classes,
 learned sigma, folded guidance, pixel or latent, how the model samples), builds DiT's linear beta schedule and runs
 in numpy the sampler the model was made for: deterministic DDIM (eta = 0) as sample.py --sampler ddim does, or a
-step-distilled student's own (ddim-trailing, consistency) in its few steps, with the guidance scale as an input for a
-guidance-distilled model. Pixel-space models write an ADM-layout .npz: arr_0 uint8
+step-distilled student's own (ddim-trailing, consistency, tcd) in its few steps, with the guidance scale as an input
+for a guidance-distilled model. Pixel-space models write an ADM-layout .npz: arr_0 uint8
 (N, H, W, C) images, arr_1 int64 labels. Latent models write the raw latents instead (arr_0 float32 (N, C, h, w),
 in the scaled latent space): decoding them needs the Stable Diffusion VAE, which this runner does not carry, e.g.
 diffusers' AutoencoderKL.decode(latents / latent_scale) on a machine that has it.
@@ -173,6 +173,7 @@ def ddim_sample(denoise, noise, labels, metadata, num_steps):
 EPS_SAMPLING = {"method": "plain", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
                 "guidance_range": None, "consistency_skip": None}
 CONSISTENCY_SIGMA_DATA, CONSISTENCY_TIMESTEP_SCALE = 0.5, 10.0  # LCM's boundary scalings, as sampling.py
+TCD_GAMMA = 0.3  # TCD's default stochasticity, as sampling.py
 
 
 def sampling_entry(metadata):
@@ -206,9 +207,16 @@ def x0_and_eps(output, x, alpha, sigma, parametrisation, clip):
     return x0, eps
 
 
+def tcd_s(t_next, gamma):
+    """TCD's jump target floor((1 - gamma) t_next), rounded in float32 as sampling.tcd_s (and diffusers) round it."""
+    return int(np.floor(np.float32(1 - gamma) * np.float32(t_next)))
+
+
 def few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w=None):
-    """ddim-trailing (deterministic DDIM from t = 999, ending at x_0) or multistep consistency sampling (x_0 = f(x, t),
-    re-noised to the next grid point with step_noise[i]), as metadata["sampling"]["sampler"] says."""
+    """ddim-trailing (deterministic DDIM from t = 999, ending at x_0), multistep consistency sampling (x_0 = f(x, t),
+    re-noised to the next grid point with step_noise[i]) or TCD's strategic stochastic sampling (the jump to s =
+    floor((1 - gamma) t_next) with x_0 = f(x, t), forward-noised to t_next with step_noise[i]; the last step returns
+    x at s = 0), as metadata["sampling"]["sampler"] says."""
     sampling = sampling_entry(metadata)
     alpha_bar = np.concatenate([[1.0], alphas_cumprod(metadata)])  # index t + 1: t = -1 is the clean end
     clip = not metadata["latent"]
@@ -220,18 +228,34 @@ def few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w=N
         output = denoise(x.astype(np.float32), np.full(len(x), t, dtype=np.float32), y, *extra)
         return x0_and_eps(output, x, alpha, sigma, sampling["parametrisation"], clip) + (alpha, sigma)
 
+    def consistency_function(x, t):  # c_skip x + c_out x_0, clamped for pixels
+        x0, _, alpha, sigma = predict(x, t)
+        scaled = CONSISTENCY_TIMESTEP_SCALE * t
+        c_skip = CONSISTENCY_SIGMA_DATA ** 2 / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
+        c_out = scaled / np.sqrt(scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
+        x0 = np.float32(c_skip) * x + np.float32(c_out) * x0
+        return (np.clip(x0, -1.0, 1.0) if clip else x0), alpha, sigma
+
     if sampling["sampler"] == "consistency":
         grid = trailing_timesteps(num_steps, sampling["consistency_skip"])
         for i, t in enumerate(grid):
-            x0, _, _, _ = predict(x, t)
-            scaled = CONSISTENCY_TIMESTEP_SCALE * t
-            c_skip = CONSISTENCY_SIGMA_DATA ** 2 / (scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
-            c_out = scaled / np.sqrt(scaled ** 2 + CONSISTENCY_SIGMA_DATA ** 2)
-            x0 = np.float32(c_skip) * x + np.float32(c_out) * x0
-            x0 = np.clip(x0, -1.0, 1.0) if clip else x0
+            x0, _, _ = consistency_function(x, t)
             if i + 1 < num_steps:
                 x = np.sqrt(alpha_bar[grid[i + 1] + 1]) * x0 + np.sqrt(1 - alpha_bar[grid[i + 1] + 1]) * step_noise[i]
         return x0.astype(np.float32)
+    if sampling["sampler"] == "tcd":
+        grid = trailing_timesteps(num_steps, sampling["consistency_skip"])
+        gamma = TCD_GAMMA if sampling.get("gamma") is None else sampling["gamma"]
+        for i, t in enumerate(grid):
+            f, alpha, sigma = consistency_function(x, t)
+            t_next = grid[i + 1] if i + 1 < num_steps else 0
+            s = tcd_s(t_next, gamma)
+            ratio = np.sqrt(1 - alpha_bar[s + 1]) / sigma  # the first-order TCF: s = t gives x
+            x = ratio * x + (np.sqrt(alpha_bar[s + 1]) - alpha * ratio) * f
+            if i + 1 < num_steps:
+                keep = np.sqrt(alpha_bar[t_next + 1] / alpha_bar[s + 1])
+                x = keep * x + np.sqrt(max(1 - keep ** 2, 0.0)) * step_noise[i]
+        return x.astype(np.float32)
     grid = trailing_timesteps(num_steps) + [-1]
     for t, s in zip(grid[:-1], grid[1:]):
         x0, eps, _, _ = predict(x, t)
@@ -396,7 +420,7 @@ def sample(denoise, metadata, labels, num_steps=None, seed=0, batch_size=None, c
         return ddim_sample(lambda x, t, y: denoise(x, t, y, np.full(len(x), w, dtype=np.float32)), noise, labels,
                            metadata, num_steps)
     step_noise = rng.standard_normal((max(num_steps - 1, 0), len(labels), channels, size, size), dtype=np.float32) \
-        if sampler == "consistency" else None
+        if sampler in ("consistency", "tcd") else None
     return few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w)
 
 

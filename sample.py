@@ -7,6 +7,7 @@
 (then --model and --image-size, as the original sample.py).
 """
 import argparse
+import dataclasses
 import math
 import os
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from checks import (UserError, check_output_path, non_negative_float, non_negative_int, positive_float,
+from checks import (UserError, check_output_path, non_negative_float, non_negative_int, number_in, positive_float,
                     positive_int, run_script, write_atomically)
 from models import DiT_models, load_dit_checkpoint
 from sampling import SAMPLERS, SOLVER_DEFAULT_STEPS, SamplingSpec, check_guidance, resolve_sampling
@@ -22,8 +23,9 @@ from sampling import SAMPLERS, SOLVER_DEFAULT_STEPS, SamplingSpec, check_guidanc
 IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's classes
 SAMPLER_HELP = ("ddpm: ancestral; ddim: the original's grid; ddim-trailing: DDIM from t = 999, for few steps; "
                 "dpm++2m, unipc, euler: diffusers' DPM-Solver++ 2M, UniPC and Euler solvers (the fastest at 10-20 "
-                "steps, README); consistency: multistep consistency sampling (consistency students). Default: the "
-                "checkpoint's own (a step-distilled student's), else ddpm")
+                "steps, README); consistency: multistep consistency sampling (consistency students); tcd: TCD's "
+                "strategic stochastic sampling (tcd students, --gamma). Default: the checkpoint's own (a "
+                "step-distilled student's), else ddpm")
 
 
 def to_uint8_nhwc(images):
@@ -33,7 +35,7 @@ def to_uint8_nhwc(images):
 
 @torch.no_grad()
 def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None, cfg_scale=None, temperature=1.0,
-             eta=0.0, batch_size=64, vae=None, progress=True, default_cfg_scale=1.0):
+             eta=0.0, batch_size=64, vae=None, progress=True, default_cfg_scale=1.0, gamma=None):
     """Images in [-1, 1], (N, C, H, W) on the CPU, for `labels`; the same seed gives the same images.
 
     sampler, num_sampling_steps and cfg_scale default to what the checkpoint says (data["sampling"]: a few-step
@@ -41,13 +43,14 @@ def generate(model, data, labels, seed=0, num_sampling_steps=None, sampler=None,
     The initial noise of all N samples (and a consistency sampler's re-noising) is drawn at once on the CPU from
     `seed`, so deterministic images do not depend on batch_size or device; DDPM's per-step noise comes from the global
     RNG, reseeded here from `seed`, so its images also depend on batch_size. data: the checkpoint's description
-    (load_dit_checkpoint); vae decodes latents.
+    (load_dit_checkpoint); vae decodes latents. gamma: a TCD student's stochasticity (default: the checkpoint's).
     """
     if data["latent"] and vae is None:
         raise UserError("this model denoises VAE latents: pass a VAE (--vae ema|mse|PATH) to decode them")
     spec = SamplingSpec.from_checkpoint_entry(data.get("sampling"))
     sampler, num_steps, cfg_scale = resolve_sampling(spec, sampler, num_sampling_steps, cfg_scale, temperature,
-                                                     default_cfg_scale)
+                                                     default_cfg_scale, gamma)
+    spec = spec if gamma is None else dataclasses.replace(spec, gamma=gamma)
     check_guidance(model, cfg_scale)
     device = next(model.parameters()).device
     cfg = model.config
@@ -113,6 +116,10 @@ def parse_args(argv=None):
                           help="classifier-free guidance scale (1: none). Default 4, or 1 for a few-step student "
                                "distilled without guidance; a guidance-distilled model takes it as input (one "
                                "forward per step) within its trained range")
+    sampling.add_argument("--gamma", type=number_in(float, 0, 1), default=None,
+                          help="stochasticity of TCD's sampler, tcd-distilled students only (0: deterministic, 1: "
+                               "multistep consistency; default: the checkpoint's, diffusers' 0.3 unless trained "
+                               "with another --tcd-gamma)")
     sampling.add_argument("--temperature", type=positive_float, default=1.0,
                           help="divide the model output by this before forming each step's mean and variance")
     sampling.add_argument("--seed", type=non_negative_int, default=0,
@@ -161,7 +168,8 @@ def main(args):
             raise UserError(f"--vae: {error}") from error
     images = generate(model, data, labels, seed=args.seed, num_sampling_steps=args.num_sampling_steps,
                       sampler=args.sampler, cfg_scale=args.cfg_scale, temperature=args.temperature, eta=args.eta,
-                      batch_size=args.batch_size, vae=vae, default_cfg_scale=4.0)  # the original's default
+                      batch_size=args.batch_size, vae=vae, default_cfg_scale=4.0,  # the original's default
+                      gamma=args.gamma)
     from torchvision.utils import save_image
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image(images, args.out, nrow=max(1, int(math.sqrt(len(images)))), normalize=True, value_range=(-1, 1))

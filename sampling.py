@@ -5,7 +5,7 @@ checkpoint keeps of how it samples.
   DiT's "ddimN" respacing), respaced_timesteps (its "N" respacing for DDPM) and trailing_timesteps (few steps).
 - The DiT's output: classifier_free_guidance (written once: models.py's forward_with_cfg, model_output and
   export.py's Denoiser call it), model_output, predict_x0_eps / denoise (the eps and x-eps parametrisations), the
-  consistency function with LCM's boundary scalings.
+  consistency function with LCM's boundary scalings and TCD's trajectory consistency function built on it.
 - SamplingSpec: the checkpoint's "sampling" entry as a frozen record, read by SamplingSpec.from_checkpoint_entry
   alone and written back as the same plain dict by to_dict (old checkpoints load, old tools read new ones).
 - SAMPLERS: every sampler once, name -> Sampler (the function, what it needs, the step counts it takes, and the
@@ -36,6 +36,7 @@ DIFFUSION_STEPS = 1000  # DiT's training schedule (linear betas)
 # c_out = s t / sqrt((s t)^2 + sigma_data^2): exactly the identity at t = 0, the model's x_0 soon after.
 CONSISTENCY_SIGMA_DATA = 0.5
 CONSISTENCY_TIMESTEP_SCALE = 10.0
+TCD_GAMMA = 0.3  # the stochasticity of TCD's strategic stochastic sampling (diffusers' TCDScheduler default)
 
 _ALPHA_BAR = torch.from_numpy(get_named_beta_schedule("linear", DIFFUSION_STEPS)).neg().add(1).cumprod(0)
 # Index t + 1: position 0 is "t = -1", the clean end of every sampling grid (alpha 1, sigma 0).
@@ -177,6 +178,46 @@ def consistency_boundary(x_t, t, x0):
     return c_skip.float() * x_t + c_out.float() * x0
 
 
+def trajectory_jump(x_t, t, s, x0):
+    """The first-order trajectory consistency function from an x_0 estimate (Zheng et al. 2024, TCD: the exponential
+    integrator's first-order step, x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) x_0 with h = lambda_s -
+    lambda_t), i.e. DDIM's x_s = alpha_s x_0 + sigma_s eps(x_t, x_0), written so that s = t gives x_t exactly and
+    s = -1 (the clean end) gives x_0 exactly. t, s: (N,) integer timesteps, s <= t."""
+    alpha_t, sigma_t = alpha_sigma(t)
+    alpha_s, sigma_s = alpha_sigma(s)
+    ratio = sigma_s / sigma_t
+    return ratio * x_t + (alpha_s - alpha_t * ratio) * x0
+
+
+def trajectory_consistency_function(model, x_t, t, s, y, w=None, drop=None, clip=False):
+    """TCD's f(x_t, t, s): the jump from t to s with the consistency function's x_0 (c_skip x_t + c_out x_0(x_t, t)).
+    The identity at s = t (TCD's broadened boundary condition) and the consistency function at s = -1. Departure:
+    TCD's x_0 is the model's own (c_skip = 0, c_out = 1); LCM's scalings differ from that by < 1e-5 at every t >= 19
+    (the grid points), make f the identity at t = 0 as in our consistency distillation, and make a consistency
+    student's f the s = -1 case. clip: x_0 clamped to [-1, 1] (pixels), as consistency_sample does."""
+    f = consistency_function(model, x_t, t, y, w, drop, clip)
+    return trajectory_jump(x_t, t, s, f.clamp(-1, 1) if clip else f)
+
+
+def tcd_s(t_next, gamma):
+    """TCD's jump target s = floor((1 - gamma) t_next) for the next grid point t_next (0 after the last), rounded in
+    float32 as diffusers' TCDScheduler rounds it, so that both pick the same s."""
+    return int(torch.floor((1 - gamma) * torch.tensor(t_next)))
+
+
+def tcd_step(x_t, t, f, t_next, gamma, noise=None):
+    """One step of strategic stochastic sampling: the jump from t to s = tcd_s(t_next, gamma) with x_0 = f, then
+    forward noise from s to t_next with `noise` (N, C, H, W) (None: the last step, which returns x_s at s = 0)."""
+    s = tcd_s(t_next, gamma)
+    x_s = trajectory_jump(x_t, t, torch.full_like(t, s), f)
+    if noise is None:
+        return x_s
+    alpha_next, _ = alpha_sigma(torch.full_like(t, t_next))
+    alpha_s, _ = alpha_sigma(torch.full_like(t, s))
+    keep = alpha_next / alpha_s  # q(x_t_next | x_s) = N(keep x_s, (1 - keep^2) I)
+    return keep * x_s + (1 - keep ** 2).clamp(min=0).sqrt() * noise
+
+
 #################################################################################
 #               How a checkpoint samples: its "sampling" entry                  #
 #################################################################################
@@ -189,7 +230,8 @@ class SamplingSpec:
     method: the method that made it (plain, size-distillation, progressive, consistency, guidance);
     parametrisation: eps or x-eps; sampler: the sampler it was distilled for (None: any eps sampler); steps: the step
     counts it samples in (None: any); default_steps; guidance_range: (low, high) of its w input (None: no w);
-    consistency_skip: the consistency grid's stride.
+    consistency_skip: the consistency grid's stride (consistency and TCD); gamma: TCD's default stochasticity (TCD
+    students only: the key is absent from every other entry, so old entries read and write back unchanged).
     """
     method: str = "plain"
     parametrisation: str = "eps"
@@ -198,6 +240,7 @@ class SamplingSpec:
     default_steps: Optional[int] = None
     guidance_range: Optional[Tuple[float, float]] = None
     consistency_skip: Optional[int] = None
+    gamma: Optional[float] = None
 
     @classmethod
     def from_checkpoint_entry(cls, entry):
@@ -220,11 +263,13 @@ class SamplingSpec:
         return spec
 
     def to_dict(self):
-        """The plain dict a checkpoint keeps (the same 7 keys as ever, lists for tuples): torch.load(weights_only)
-        and JSON read it."""
+        """The plain dict a checkpoint keeps (the same 7 keys as ever, and gamma for a TCD student; lists for
+        tuples): torch.load(weights_only) and JSON read it."""
         entry = dataclasses.asdict(self)
         for key in ("steps", "guidance_range"):
             entry[key] = None if entry[key] is None else list(entry[key])
+        if entry["gamma"] is None:
+            del entry["gamma"]
         return entry
 
 
@@ -328,6 +373,31 @@ def consistency(model, spec, noise, labels, num_steps, cfg_scale, temperature, e
     return consistency_sample(model, noise, step_noise, labels, num_steps, spec.consistency_skip, w, clip)
 
 
+# Zheng et al. 2024, strategic stochastic sampling (TCD's Algorithm 4, as diffusers' TCDScheduler names it): at grid
+# point t_i the TCF jumps to s = floor((1 - gamma) t_{i+1}), forward noise (step_noise[i]) takes it back up to t_{i+1};
+# gamma = 0 is deterministic, gamma = 1 multistep consistency sampling. The last step jumps to s = 0 and returns x_s
+# there (as TCDScheduler does), on the trailing grid of the training points as consistency_sample.
+@torch.no_grad()
+def tcd_sample(model, noise, step_noise, y, num_steps, skip, gamma=TCD_GAMMA, w=None, clip=False):
+    grid = trailing_timesteps(num_steps, stride=skip)
+    if len(step_noise) < num_steps - 1:
+        raise ValueError(f"{num_steps} TCD steps need {num_steps - 1} re-noising draws")
+    x = noise
+    for i, t in enumerate(grid):
+        t = torch.full((len(x),), t, device=x.device)
+        f = consistency_function(model, x, t, y, w, clip=clip)
+        f = f.clamp(-1, 1) if clip else f
+        last = i + 1 == num_steps
+        x = tcd_step(x, t, f, 0 if last else grid[i + 1], gamma, None if last else step_noise[i])
+    return x
+
+
+def tcd(model, spec, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
+    gamma = TCD_GAMMA if spec.gamma is None else spec.gamma
+    return tcd_sample(model, noise, step_noise, labels, num_steps, spec.consistency_skip, gamma,
+                      guidance_scales(model, cfg_scale, noise), clip)
+
+
 # DiT's training schedule in diffusers' terms (diffusion.get_named_beta_schedule("linear", 1000)).
 DIT_SCHEDULE = dict(num_train_timesteps=DIFFUSION_STEPS, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 # diffusers' solvers, on the trailing grid (999 first, as ddim-trailing): name -> (scheduler class, its options).
@@ -398,6 +468,8 @@ SAMPLERS = {
                              parametrisations=("eps", "x-eps")),
     "consistency": Sampler(consistency, lambda num_steps, spec: trailing_timesteps(num_steps, spec.consistency_skip),
                            parametrisations=("x-eps",), renoises=True),
+    "tcd": Sampler(tcd, lambda num_steps, spec: trailing_timesteps(num_steps, spec.consistency_skip),
+                   parametrisations=("x-eps",), renoises=True),
     **{name: Sampler(functools.partial(solver, name), functools.partial(solver_timesteps, name)) for name in SOLVERS},
 }
 
@@ -406,11 +478,13 @@ SAMPLERS = {
 #                A checkpoint's defaults, and what it can be asked              #
 #################################################################################
 
-def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0, default_cfg_scale=1.0):
+def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, temperature=1.0, default_cfg_scale=1.0,
+                     gamma=None):
     """(sampler, steps, cfg_scale) for a checkpoint's sampling entry (a dict, None or a SamplingSpec): its own
     defaults for what is None, and a UserError that says what the model supports when a request does not fit it.
     default_cfg_scale: the scale for a model that takes guidance, clamped into a guidance-distilled model's range (a
-    few-step student distilled without guidance samples at 1)."""
+    few-step student distilled without guidance samples at 1). gamma: a TCD student's stochasticity (checked here;
+    the caller puts it into the spec)."""
     spec = SamplingSpec.from_checkpoint_entry(sampling)
     own = spec.sampler
     sampler = sampler or own or "ddpm"
@@ -439,6 +513,11 @@ def resolve_sampling(sampling, sampler=None, num_steps=None, cfg_scale=None, tem
     if own and not guidance_range and cfg_scale != 1:
         raise UserError(f"this {spec.method}-distilled student was distilled without guidance (no "
                         f"--guidance-range), so it samples at --cfg-scale 1 only")
+    if gamma is not None and sampler != "tcd":
+        raise UserError(f"--gamma is the stochasticity of TCD's sampler (tcd-distilled students), not of {sampler}: "
+                        f"drop --gamma")
+    if gamma is not None and not 0 <= gamma <= 1:
+        raise UserError(f"--gamma must lie in [0, 1] (0: deterministic, 1: multistep consistency), got {gamma}")
     if temperature != 1 and spec.parametrisation != "eps":  # consistency samples x-eps students only
         raise UserError("--temperature applies to noise-predicting models (ddpm, ddim, ddim-trailing), not to a "
                         "few-step student")

@@ -5,6 +5,8 @@ Each method's loss is one function below, with its paper and equation named abov
   halves the steps and the student becomes the next round's teacher;
 - consistency distillation (Song et al. 2023), with LCM's skipping interval, multistep sampling and guidance folded
   into the teacher's ODE step (Luo et al. 2023);
+- trajectory consistency distillation (TCD, Zheng et al. 2024): consistency distillation in which both sides jump to
+  a random earlier time s through the trajectory consistency function, sampled with strategic stochastic sampling;
 - guidance distillation (Meng et al. 2023): the student takes the guidance scale w as an input and learns the
   teacher's classifier-free-guided output.
 The classes at the bottom hold each method's state (the round's teacher, the EMA target) for train.py's loop. The
@@ -16,6 +18,7 @@ eps channels stay, and the second group (the learned variance, which a determini
 zeroed and retrained as x~; at initialisation x_0 = alpha_t^2 x_0(eps): the teacher's own estimate at low noise.
 """
 import copy
+import dataclasses
 import os
 
 import torch
@@ -24,8 +27,8 @@ from checks import UserError, non_negative_float, number_in, positive_int
 from diffusion.gaussian_diffusion import mean_flat
 from method import TrainingMethod, derived_seed, diffusion_draws, freeze
 from models import DiT, load_state_dict_strict, update_ema
-from sampling import (DIFFUSION_STEPS, SamplingSpec, alpha_sigma, consistency_function, ddim_step, denoise,
-                      model_output, q_sample, trailing_timesteps)
+from sampling import (DIFFUSION_STEPS, TCD_GAMMA, SamplingSpec, alpha_sigma, consistency_function, ddim_step, denoise,
+                      model_output, q_sample, trailing_timesteps, trajectory_consistency_function)
 
 
 #################################################################################
@@ -65,14 +68,38 @@ def progressive_target(teacher, teacher_parametrisation, x_t, t, t_mid, t_next, 
 def consistency_loss(student, target, teacher, teacher_parametrisation, x0, y, noise, index, skip, w=None, drop=None,
                      clip=False):
     """Per-example loss (N,). index: (N,) grid points in [0, 1000 / skip); t_{n+k} = (index + 1) skip - 1."""
-    t = (index + 1) * skip - 1
-    s = (t - skip).clamp(min=0)  # the first grid point steps to t = 0, where f is the identity
-    x_t = q_sample(x0, t, noise)
+    x_t, t, x_s, s = teacher_ode_step(teacher, teacher_parametrisation, x0, y, noise, index, skip, w, drop, clip)
     with torch.no_grad():
-        x_s = ddim_step(*denoise(teacher, teacher_parametrisation, x_t, t, y, w, drop, clip), s)
         target_f = consistency_function(target, x_s, s, y, w, drop)
     online_f = consistency_function(student, x_t, t, y, w, drop)
     return mean_flat((online_f - target_f) ** 2)
+
+
+@torch.no_grad()
+def teacher_ode_step(teacher, teacher_parametrisation, x0, y, noise, index, skip, w=None, drop=None, clip=False):
+    """(x_{t_{n+k}}, t_{n+k}, x_{t_n}, t_n): the noised data at grid point `index` and the teacher's DDIM step from it
+    k = skip timesteps back (LCM's skipping interval), guided at w."""
+    t = (index + 1) * skip - 1
+    t_n = (t - skip).clamp(min=0)  # the first grid point steps to t = 0, where f is the identity
+    x_t = q_sample(x0, t, noise)
+    x_n = ddim_step(*denoise(teacher, teacher_parametrisation, x_t, t, y, w, drop, clip), t_n)
+    return x_t, t, x_n, t_n
+
+
+# Zheng et al. 2024 (TCD), the training algorithm (their Algorithm 1, as the authors cite it): Song et al.'s Eq. 7 as
+# in consistency_loss, with both the online f at x_{t_{n+k}} and the EMA target's f at the teacher's ODE point
+# x_{t_n} mapped by the trajectory consistency function to the same earlier time s = t_m, m drawn uniformly from the
+# grid points 0 ... n (s = -1, the clean end: consistency_loss exactly; s = t_n: the target is the teacher's point).
+def trajectory_consistency_loss(student, target, teacher, teacher_parametrisation, x0, y, noise, index, s_index, skip,
+                                w=None, drop=None, clip=False):
+    """Per-example loss (N,). index: (N,) grid points as consistency_loss's; s_index: (N,) in [0, index], s =
+    s_index skip - 1."""
+    x_t, t, x_n, t_n = teacher_ode_step(teacher, teacher_parametrisation, x0, y, noise, index, skip, w, drop, clip)
+    s = s_index * skip - 1
+    with torch.no_grad():
+        target_x = trajectory_consistency_function(target, x_n, t_n, s, y, w, drop)
+    online_x = trajectory_consistency_function(student, x_t, t, s, y, w, drop)
+    return mean_flat((online_x - target_x) ** 2)
 
 
 # Meng et al. 2023, Eq. 7 (stage one): the w-conditioned student matches the teacher's classifier-free-guided output,
@@ -176,15 +203,17 @@ class StepDistillation(TrainingMethod):
             "weights, that samples in a few steps (--teacher-ckpt: any checkpoint of this project, or a raw "
             "state_dict with --teacher-model); runs --max-steps steps")
         steps.add_argument("--sampling-steps", type=positive_int, default=4,
-                           help="steps the student samples in: progressive distils down to it; consistency records "
-                                "it as the checkpoint's default (any count up to 1000 / --consistency-skip works)")
+                           help="steps the student samples in: progressive distils down to it; consistency and tcd "
+                                "record it as the checkpoint's default (any count up to 1000 / --consistency-skip "
+                                "works)")
         steps.add_argument("--progressive-start-steps", type=number_in(int, 2), default=64,
                            help="DDIM steps of the teacher in the first progressive round (--sampling-steps times a "
                                 "power of two); --max-steps is split evenly over the rounds")
         steps.add_argument("--consistency-skip", type=positive_int, default=20,
-                           help="skipping interval k: the teacher's DDIM step goes from t to t - k (LCM's 20)")
+                           help="skipping interval k: the teacher's DDIM step goes from t to t - k (LCM's 20; "
+                                "consistency and tcd)")
         steps.add_argument("--consistency-target-decay", type=number_in(float, 0, 1, high_open=True), default=0.95,
-                           help="EMA decay of the consistency target network (LCM's 0.95)")
+                           help="EMA decay of the consistency (and tcd) target network (LCM's 0.95)")
         steps.add_argument("--guidance-range", type=non_negative_float, nargs=2, metavar=("WMIN", "WMAX"),
                            default=None,
                            help="guidance scales the student learns to take as input (w drawn uniformly; 1 = no "
@@ -316,12 +345,16 @@ class ConsistencyDistillation(StepDistillation):
                             f"--consistency-skip {args.consistency_skip}")
         self.frozen["target"] = copy.deepcopy(self.student).requires_grad_(False).eval()
 
+    def grid_index(self, draws):
+        """(N,) grid points in [0, 1000 / k), uniform."""
+        return (draws["uniform"] * self.points).long().clamp(max=self.points - 1)
+
     def loss(self, update, nets, x0, y, draws, autocast):
         w, drop = self.guidance(draws)
-        index = (draws["uniform"] * self.points).long().clamp(max=self.points - 1)
         with autocast:
             loss = consistency_loss(nets["student"], nets["target"], nets["teacher"], self.teacher_parametrisation,
-                                    x0, y, draws["noise"], index, self.args.consistency_skip, w, drop, self.clip)
+                                    x0, y, draws["noise"], self.grid_index(draws), self.args.consistency_skip, w, drop,
+                                    self.clip)
         return loss, {"consistency": loss}
 
     def end_step(self, step):
@@ -336,6 +369,44 @@ class ConsistencyDistillation(StepDistillation):
     def sampling(self):
         return SamplingSpec("consistency", "x-eps", "consistency", tuple(range(1, self.points + 1)),
                             self.args.sampling_steps, self.guidance_range, self.args.consistency_skip)
+
+
+class TrajectoryConsistencyDistillation(ConsistencyDistillation):
+    """Consistency distillation (the same teacher step, EMA target, grid and flags) in which both sides jump to a
+    random earlier time s (trajectory_consistency_loss); its checkpoint samples with strategic stochastic sampling
+    (sampling.tcd_sample) at --tcd-gamma by default."""
+    name = "tcd"
+    summary = "trajectory consistency distillation with strategic stochastic sampling (Zheng et al. 2024)"
+    flags = ("tcd_gamma",) + ConsistencyDistillation.flags
+
+    @staticmethod
+    def add_args(parser):
+        group = parser.add_argument_group(
+            "trajectory consistency distillation (--step-distillation tcd; also reads --consistency-skip, "
+            "--consistency-target-decay, --sampling-steps and --guidance-range as consistency does)")
+        group.add_argument("--tcd-gamma", type=number_in(float, 0, 1), default=TCD_GAMMA,
+                           help="stochasticity gamma of strategic stochastic sampling that the checkpoint records as "
+                                "its default (0: deterministic, 1: multistep consistency sampling; diffusers' "
+                                "default 0.3); sampling only, training does not use it (sample.py --gamma overrides)")
+
+    def randomness(self, generator, batch, shape):
+        """Consistency's draws and a uniform for the jump target s."""
+        draws = super().randomness(generator, batch, shape)
+        draws["s_uniform"] = torch.rand(batch, generator=generator)
+        return draws
+
+    def loss(self, update, nets, x0, y, draws, autocast):
+        w, drop = self.guidance(draws)
+        index = self.grid_index(draws)
+        s_index = torch.minimum((draws["s_uniform"] * (index + 1)).long(), index)  # uniform in [0, index]
+        with autocast:
+            loss = trajectory_consistency_loss(nets["student"], nets["target"], nets["teacher"],
+                                               self.teacher_parametrisation, x0, y, draws["noise"], index, s_index,
+                                               self.args.consistency_skip, w, drop, self.clip)
+        return loss, {"tcd": loss}
+
+    def sampling(self):
+        return dataclasses.replace(super().sampling(), method="tcd", sampler="tcd", gamma=self.args.tcd_gamma)
 
 
 class GuidanceDistillation(StepDistillation):

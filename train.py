@@ -36,13 +36,14 @@ from dmd2 import DMD2
 from method import PlainTraining, derived_seed
 from models import DiT, DiT_models, save_checkpoint_atomic, update_ema
 from sampling import SAMPLERS, check_step_count
-from step_distill import ConsistencyDistillation, GuidanceDistillation, ProgressiveDistillation
+from step_distill import (ConsistencyDistillation, GuidanceDistillation, ProgressiveDistillation,
+                          TrajectoryConsistencyDistillation)
 
 # The training methods, by name: --model trains "plain", --distillation runs "distillation", --step-distillation NAME
 # runs NAME. A new method is one module and one line here.
 METHODS = {"plain": PlainTraining, "distillation": SizeDistillation, "progressive": ProgressiveDistillation,
-           "consistency": ConsistencyDistillation, "guidance": GuidanceDistillation, "dmd2": DMD2,
-           "adversarial": AdversarialDistillation}
+           "consistency": ConsistencyDistillation, "tcd": TrajectoryConsistencyDistillation,
+           "guidance": GuidanceDistillation, "dmd2": DMD2, "adversarial": AdversarialDistillation}
 
 
 #################################################################################
@@ -388,8 +389,8 @@ def build_parser():
     run.add_argument("--log-every", type=positive_int, default=100, help="steps between logged (averaged) losses")
     run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints (and the end)")
     run.add_argument("--sample-every", type=non_negative_int, default=0, help="steps between EMA sample grids (0: no)")
-    run.add_argument("--sample-sampler", choices=[name for name in SAMPLERS if name != "consistency"],
-                     default="dpm++2m",
+    run.add_argument("--sample-sampler", default="dpm++2m",
+                     choices=[name for name, sampler in SAMPLERS.items() if "eps" in sampler.parametrisations],
                      help="sampler of those grids (a step-distilled student always uses its own): sample.py's")
     run.add_argument("--sample-steps", type=positive_int, default=20, help="its steps (dpm++2m 20 ~ ddim 50, README)")
     return parser

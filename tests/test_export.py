@@ -232,6 +232,8 @@ def test_calibration_timesteps_are_the_few_step_samplers():
                     consistency_skip=20)
     assert export.sampler_timesteps(sampling, None) == [999, 759, 499, 259]
     assert export.sampler_timesteps(dict(sampling, sampler="ddim-trailing"), None) == [999, 749, 499, 249]
+    assert export.sampler_timesteps(dict(sampling, method="tcd", sampler="tcd", gamma=0.3), None) == \
+        [999, 759, 499, 259]
     data = {"latent": False, "image_size": 8, "sampling": dict(sampling, guidance_range=[1.0, 3.0])}
     calibration = export.calibration_set(dict(DIGITS, guidance_embed=True), data, 8, None)
     assert set(calibration["t"].tolist()) == {999, 759, 499, 259}

@@ -35,6 +35,9 @@ OLD_ENTRIES = [
     {"method": "guidance", "parametrisation": "eps", "sampler": None, "steps": None, "default_steps": None,
      "guidance_range": [1.0, 5.0], "consistency_skip": None},
 ]
+# A TCD student's entry: the 7 keys and gamma.
+TCD_ENTRY = {"method": "tcd", "parametrisation": "x-eps", "sampler": "tcd", "steps": list(range(1, 51)),
+             "default_steps": 4, "guidance_range": None, "consistency_skip": 20, "gamma": 0.3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,13 +128,13 @@ def test_declared_timesteps_are_the_models_calls(name, steps):
 
 
 @pytest.mark.parametrize("sampler, spec_steps, skip", [("ddim-trailing", [2], None), ("consistency", [1, 3, 7], 20),
-                                                       ("consistency", [2, 5], 1)])
+                                                       ("consistency", [2, 5], 1), ("tcd", [1, 3, 7], 20)])
 def test_few_step_students_declare_their_grids(sampler, spec_steps, skip):
     from dit_pipeline import FewStepScheduler
     student = random_dit(4, learn_sigma=True)
-    method = "consistency" if sampler == "consistency" else "progressive"
+    method = sampler if sampler in ("consistency", "tcd") else "progressive"
     spec = SamplingSpec(method=method, parametrisation="x-eps", sampler=sampler, steps=tuple(spec_steps),
-                        default_steps=spec_steps[0], consistency_skip=skip)
+                        default_steps=spec_steps[0], consistency_skip=skip, gamma=0.3 if sampler == "tcd" else None)
     scheduler = FewStepScheduler(sampler, skip or 1, clip_sample=True)
     for steps in spec_steps:
         calls = recording(student)
@@ -148,18 +151,91 @@ def test_step_counts_and_needs_are_declared():
     assert 25 in SAMPLERS["ddim"].step_counts and 999 not in SAMPLERS["ddim"].step_counts
     for count in (1, 7, 250, 1000):
         assert count in SAMPLERS["ddpm"].step_counts and count in SAMPLERS["dpm++2m"].step_counts
-    assert [name for name, s in SAMPLERS.items() if s.renoises] == ["consistency"]
-    assert [name for name, s in SAMPLERS.items() if "x-eps" in s.parametrisations] == ["ddim-trailing", "consistency"]
+    assert [name for name, s in SAMPLERS.items() if s.renoises] == ["consistency", "tcd"]
+    assert [name for name, s in SAMPLERS.items() if "x-eps" in s.parametrisations] == \
+        ["ddim-trailing", "consistency", "tcd"]
+
+
+#################################################################################
+#        The few-step samplers against diffusers' own (independent) schedulers  #
+#################################################################################
+
+def x0_model(model, y, consistency=False):
+    """The DiT as a diffusers scheduler with prediction_type="sample" calls it: (x_t, scalar t) -> an x_0 estimate.
+    consistency: TCD's x_0 (its TCF takes the consistency function's f; LCMScheduler applies c_skip / c_out itself)."""
+    def predict(x, t):
+        t = t.expand(len(x))
+        if consistency:
+            return sampling.consistency_function(model, x, t, y)
+        return sampling.predict_x0_eps(model(x, t, y), x, t, "x-eps")[0]
+    return predict
+
+
+def diffusers_sample(scheduler, predict, noise, grid, seed, **step_options):
+    """noise (N, C, H, W) through `scheduler` at the timesteps `grid`, its re-noising drawn from a generator at seed."""
+    scheduler.set_timesteps(timesteps=grid)
+    assert scheduler.timesteps.tolist() == grid
+    generator, x = torch.Generator().manual_seed(seed), noise
+    for t in scheduler.timesteps:
+        x = scheduler.step(predict(x, t), t, x, generator=generator, **step_options).prev_sample
+    return x
+
+
+def step_draws(seed, count, shape):
+    """The draws diffusers' randn_tensor makes on the CPU from a generator at seed, one per step but the last."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randn(shape, generator=generator) for _ in range(count)]) if count else \
+        torch.empty(0, *shape)
+
+
+@pytest.mark.parametrize("steps, skip", [(1, 20), (2, 20), (4, 20), (7, 20), (3, 50)])
+def test_the_consistency_sampler_equals_diffusers_lcm_scheduler(steps, skip):
+    """sampling.consistency_sample against diffusers' LCMScheduler (LCM's Algorithm 3, c_skip / c_out its own) on the
+    same random x-eps DiT, timesteps and re-noising draws; unclipped (LCMScheduler clips only x_0, we clip f too)."""
+    from diffusers import LCMScheduler
+    model = random_dit(5, learn_sigma=True)
+    y = torch.tensor([0, 4, 9])
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    grid = sampling.trailing_timesteps(steps, skip)
+    scheduler = LCMScheduler(**sampling.DIT_SCHEDULE, prediction_type="sample", original_inference_steps=1000 // skip,
+                             timestep_scaling=sampling.CONSISTENCY_TIMESTEP_SCALE, set_alpha_to_one=True)
+    with torch.no_grad():
+        theirs = diffusers_sample(scheduler, x0_model(model, y), noise, grid, seed=7)
+        ours = sampling.consistency_sample(model, noise, step_draws(7, steps - 1, noise.shape), y, steps, skip)
+        other = sampling.consistency_sample(model, noise, step_draws(8, steps - 1, noise.shape), y, steps, skip)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # measured: at most 7e-7 (outputs up to 2.7)
+    assert steps == 1 or (other - ours).abs().max() > 0.1  # the draws matter
+
+
+@pytest.mark.parametrize("steps, skip, gamma", [(1, 20, 0.3), (2, 20, 0.3), (4, 20, 0.3), (7, 20, 0.3), (4, 20, 0.0),
+                                                (4, 20, 1.0), (4, 20, 0.55), (3, 50, 0.7)])
+def test_the_tcd_sampler_equals_diffusers_tcd_scheduler(steps, skip, gamma):
+    """sampling.tcd_sample against diffusers' TCDScheduler (strategic stochastic sampling, eta = gamma) on the same
+    random x-eps DiT (fed the x_0 our TCF takes), timesteps and re-noising draws."""
+    from diffusers import TCDScheduler
+    model = random_dit(5, learn_sigma=True)
+    y = torch.tensor([0, 4, 9])
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    grid = sampling.trailing_timesteps(steps, skip)
+    scheduler = TCDScheduler(**sampling.DIT_SCHEDULE, prediction_type="sample", original_inference_steps=1000 // skip)
+    with torch.no_grad():
+        theirs = diffusers_sample(scheduler, x0_model(model, y, consistency=True), noise, grid, seed=7, eta=gamma)
+        ours = sampling.tcd_sample(model, noise, step_draws(7, steps - 1, noise.shape), y, steps, skip, gamma)
+        other = sampling.tcd_sample(model, noise, step_draws(8, steps - 1, noise.shape), y, steps, skip, gamma)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # measured: at most 3e-6 (outputs up to 2.8)
+    assert (steps == 1 or gamma == 0) == bool((other - ours).abs().max() < 1e-6)  # the draws matter where gamma > 0
+    for t_next in range(1000):  # the same jump target at every timestep (both round (1 - gamma) t in float32)
+        assert sampling.tcd_s(t_next, gamma) == int(torch.floor((1 - gamma) * torch.tensor(t_next)))
 
 
 #################################################################################
 #                 The checkpoint's "sampling" entry: one reader                 #
 #################################################################################
 
-@pytest.mark.parametrize("entry", OLD_ENTRIES)
+@pytest.mark.parametrize("entry", OLD_ENTRIES + [TCD_ENTRY])
 def test_the_reader_round_trips_every_old_entry(entry):
     spec = SamplingSpec.from_checkpoint_entry(entry)
-    assert spec.to_dict() == entry and list(spec.to_dict()) == list(OLD_ENTRIES[0])
+    assert spec.to_dict() == entry and list(spec.to_dict()) == list(OLD_ENTRIES[0]) + (["gamma"] if spec.gamma else [])
     assert SamplingSpec.from_checkpoint_entry(spec) is spec
     assert hash(spec) == hash(SamplingSpec.from_checkpoint_entry(dict(entry)))  # frozen, plain values
     with pytest.raises(AttributeError):
@@ -220,8 +296,12 @@ def test_the_standalone_runners_copies_equal_sampling():
     alpha, sigma = sampling.alpha_sigma(torch.arange(1000), ndim=1)
     np.testing.assert_allclose(np.sqrt(alpha_bar), alpha.numpy(), rtol=1e-6)
     np.testing.assert_allclose(np.sqrt(1 - alpha_bar), sigma.numpy(), rtol=1e-6)
-    for entry in OLD_ENTRIES + [None, {"method": "guidance", "guidance_range": [1.0, 5.0]}]:
+    for entry in OLD_ENTRIES + [TCD_ENTRY, None, {"method": "guidance", "guidance_range": [1.0, 5.0]}]:
         assert run_exported.sampling_entry({"sampling": entry}) == SamplingSpec.from_checkpoint_entry(entry).to_dict()
+    assert run_exported.TCD_GAMMA == sampling.TCD_GAMMA
+    for gamma in np.linspace(0, 1, 41).tolist() + [0.3, 0.7]:
+        for t_next in range(1000):
+            assert run_exported.tcd_s(t_next, gamma) == sampling.tcd_s(t_next, gamma)
 
 
 def test_the_runners_atomic_writer_is_checks(tmp_path):

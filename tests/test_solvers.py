@@ -143,7 +143,7 @@ def test_runner_without_diffusers_says_so(model, monkeypatch):
 @pytest.mark.parametrize("sampler, steps, message", [
     ("ddim", 999, "cannot give exactly 999 steps"), ("ddim", 1, "cannot give exactly 1 steps"),
     ("dpm++2m", 1001, r"must lie in \[1, 1000\]"), ("consistency", 4, "needs a consistency-distilled checkpoint"),
-    ("heun", 4, "unknown sampler 'heun'")])
+    ("tcd", 4, "needs a tcd-distilled checkpoint"), ("heun", 4, "unknown sampler 'heun'")])
 def test_impossible_requests_are_clear_errors(model, sampler, steps, message):
     with pytest.raises(ValueError, match=message):
         sample.generate(model, PIXEL_DATA, [0], sampler=sampler, num_sampling_steps=steps, progress=False)

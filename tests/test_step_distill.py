@@ -118,6 +118,51 @@ def test_consistency_function_is_the_identity_at_the_smallest_t():
     assert (at_later - x).abs().max() > 1e-2
 
 
+def test_trajectory_consistency_function_is_the_identity_at_s_t_and_the_consistency_function_at_s_0():
+    """TCD's TCF at s = t returns x_t and at the clean end (s = -1 here: alpha 1, sigma 0, the paper's s = 0) the
+    consistency function, exactly; in between it is DDIM's alpha_s x_0 + sigma_s eps(x_t, x_0) with x_0 = f."""
+    student = sd.make_student(random_dit(), "eps", "x-eps", guidance=False).eval()
+    with torch.no_grad():
+        for p in student.final_layer.parameters():
+            p.normal_(0, 0.1)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    t = torch.tensor([999, 519, 19, 0])
+    with torch.no_grad():
+        f = sampling.consistency_function(student, x, t, y)
+        assert torch.equal(sampling.trajectory_consistency_function(student, x, t, t, y), x)
+        assert torch.equal(sampling.trajectory_consistency_function(student, x, t, torch.full_like(t, -1), y), f)
+        s = torch.tensor([500, 259, 0, 0])
+        alpha_t, sigma_t = sampling.alpha_sigma(t)
+        alpha_s, sigma_s = sampling.alpha_sigma(s)
+        ddim_form = alpha_s * f + sigma_s * (x - alpha_t * f) / sigma_t
+        torch.testing.assert_close(sampling.trajectory_consistency_function(student, x, t, s, y), ddim_form,
+                                   rtol=1e-5, atol=1e-5)
+    assert (f - x).abs().max() > 1e-2
+
+
+def test_tcd_loss_is_the_consistency_loss_at_the_clean_end_and_matches_the_teachers_step_at_t_n():
+    teacher, target = random_dit(0), sd.make_student(random_dit(1), "eps", "x-eps", guidance=False).eval()
+    student = sd.make_student(random_dit(2), "eps", "x-eps", guidance=False).eval()
+    for model in (student, target):
+        with torch.no_grad():
+            for p in model.final_layer.parameters():
+                p.normal_(0, 0.1)
+    torch.manual_seed(4)
+    x0, noise, y = torch.rand(4, 1, 8, 8) * 2 - 1, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    index, skip = torch.tensor([0, 3, 20, 49]), 20
+    with torch.no_grad():
+        consistency = sd.consistency_loss(student, target, teacher, "eps", x0, y, noise, index, skip)
+        at_clean_end = sd.trajectory_consistency_loss(student, target, teacher, "eps", x0, y, noise, index,
+                                                      torch.zeros_like(index), skip)
+        assert torch.equal(at_clean_end, consistency)
+        # s = t_n (every point but the first, whose t_n = 0): the target is the teacher's DDIM point itself
+        x_t, t, x_n, t_n = sd.teacher_ode_step(teacher, "eps", x0, y, noise, index, skip)
+        at_t_n = sd.trajectory_consistency_loss(student, target, teacher, "eps", x0, y, noise, index, index, skip)
+        online = sampling.trajectory_consistency_function(student, x_t, t, t_n, y)
+        torch.testing.assert_close(at_t_n[1:], ((online - x_n) ** 2).mean(dim=(1, 2, 3))[1:])
+        assert (at_t_n[1:] - consistency[1:]).abs().min() > 0
+
+
 def test_zero_initialised_w_embedding_leaves_the_model_unchanged():
     teacher = random_dit()
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999]), torch.tensor([1, 2, 3])
@@ -172,6 +217,7 @@ def teacher_ckpt(tmp_path_factory):
 METHOD_ARGS = {
     "progressive": ["--progressive-start-steps", 8, "--sampling-steps", 2],
     "consistency": ["--sampling-steps", 2, "--consistency-skip", 100],
+    "tcd": ["--sampling-steps", 2, "--consistency-skip", 100, "--tcd-gamma", 0.5],
     "guidance": ["--guidance-range", 1, 3],
 }
 
@@ -203,7 +249,8 @@ def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teac
                                                "--sample-every", 6))
     assert "resumed from" in result.stdout
     a, b = (load(d / "checkpoints" / "0000006.pt") for d in (uninterrupted, interrupted))
-    state_keys = {"progressive": ["round_teacher"], "consistency": ["consistency_target"], "guidance": []}[method]
+    state_keys = {"progressive": ["round_teacher"], "consistency": ["consistency_target"],
+                  "tcd": ["consistency_target"], "guidance": []}[method]
     for key in ["model", "ema", *state_keys]:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resuming"
@@ -214,8 +261,9 @@ def test_each_method_trains_resumes_exactly_and_samples_its_own_way(method, teac
     entry = a["sampling"]
     assert entry["method"] == method
     expected = {"progressive": ("x-eps", "ddim-trailing", 2), "consistency": ("x-eps", "consistency", 2),
-                "guidance": ("eps", None, None)}[method]
+                "tcd": ("x-eps", "tcd", 2), "guidance": ("eps", None, None)}[method]
     assert (entry["parametrisation"], entry["sampler"], entry["default_steps"]) == expected
+    assert entry.get("gamma") == (0.5 if method == "tcd" else None) and ("gamma" in entry) == (method == "tcd")
     ckpt = str(uninterrupted / "checkpoints" / "0000006.pt")
     model, data = load_dit_checkpoint(ckpt)
     sampler, steps, cfg = sampling.resolve_sampling(data["sampling"])
@@ -273,6 +321,31 @@ def test_consistency_sampler_is_deterministic_and_takes_any_step_count(students)
         sample.generate(model, data, [1], num_sampling_steps=11, progress=False)
 
 
+def test_tcd_student_samples_at_its_gamma_or_the_one_given(students, tmp_path):
+    import export
+    model, data = load_dit_checkpoint(students["tcd"])
+    assert data["sampling"]["gamma"] == 0.5 and data["sampling"]["consistency_skip"] == 100
+    own = sample.generate(model, data, list(range(6)), seed=3, progress=False)
+    again = sample.generate(model, data, list(range(6)), seed=3, gamma=0.5, batch_size=4, progress=False)
+    torch.testing.assert_close(own, again, rtol=1e-5, atol=1e-5)
+    for gamma in (0.0, 1.0):
+        other = sample.generate(model, data, list(range(6)), seed=3, gamma=gamma, progress=False)
+        assert (other - own).abs().max() > 1e-3 and other.shape == (6, 1, 8, 8)
+    for steps in (1, 4, 10):  # any count on its grid of 1000 / 100 points
+        assert sample.generate(model, data, [1, 2], num_sampling_steps=steps, progress=False).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"samples in 1..10 steps, not 11"):
+        sample.generate(model, data, [1], num_sampling_steps=11, progress=False)
+    # export.py calibrates on the timesteps its sampler declares (its default 2 steps on the grid of 100)
+    calibration = export.calibration_set(model.config, data, 8, None)
+    assert sorted(set(calibration["t"].tolist()), reverse=True) == [999.0, 499.0]
+    run_script("sample.py", "--ckpt", students["tcd"], "--gamma", 0.2, "--out", tmp_path / "g.png", "--num-samples", 4)
+    for ckpt, gamma, message in [(students["tcd"], 1.5, "argument --gamma: 1.5 is not a finite number in [0, 1]"),
+                                 (students["tcd"], -0.1, "argument --gamma: -0.1 is not a finite number in [0, 1]"),
+                                 (students["consistency"], 0.3, "--gamma is the stochasticity of TCD's sampler")]:
+        result = run_script("sample.py", "--ckpt", ckpt, "--gamma", gamma, "--out", tmp_path / "x.png", check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, message
+
+
 @pytest.mark.parametrize("case, extra, message", [
     ("wrong sampler", ["--sampler", "ddim"], "made for the ddim-trailing sampler"),
     ("steps it was not distilled for", ["--num-sampling-steps", "3"], "samples in 2 steps, not 3"),
@@ -310,6 +383,10 @@ def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path, capsy
          "student of the teacher's own architecture"),
         (step_args("guidance", teacher_ckpt, tmp_path / "h", "--consistency-skip", 50),
          "--consistency-skip do(es) not apply to --step-distillation guidance"),
+        (step_args("tcd", teacher_ckpt, tmp_path / "i", "--tcd-gamma", 1.5),
+         "argument --tcd-gamma: 1.5 is not a finite number in [0, 1]"),
+        (step_args("consistency", teacher_ckpt, tmp_path / "j", "--tcd-gamma", 0.5),
+         "--tcd-gamma do(es) not apply to --step-distillation consistency (used by --step-distillation tcd)"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args([str(a) for a in argv])
@@ -337,7 +414,7 @@ def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path, capsy
 #              Export: the numpy runner's samplers and exported files           #
 #################################################################################
 
-@pytest.mark.parametrize("method", ["progressive", "consistency"])
+@pytest.mark.parametrize("method", ["progressive", "consistency", "tcd"])
 def test_numpy_runner_samplers_equal_the_torch_samplers(method, students):
     import run_exported
     model, data = load_dit_checkpoint(students[method])
@@ -359,6 +436,9 @@ def test_numpy_runner_samplers_equal_the_torch_samplers(method, students):
         y = torch.from_numpy(labels)
         if method == "progressive":
             reference = sampling.ddim_trailing_sample(model, "x-eps", torch.from_numpy(noise), y, steps, clip=True)
+        elif method == "tcd":
+            reference = sampling.tcd_sample(model, torch.from_numpy(noise), torch.from_numpy(step_noise), y, steps,
+                                            data["sampling"]["consistency_skip"], data["sampling"]["gamma"], clip=True)
         else:
             reference = sampling.consistency_sample(model, torch.from_numpy(noise), torch.from_numpy(step_noise), y, steps,
                                               data["sampling"]["consistency_skip"], clip=True)
