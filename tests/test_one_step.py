@@ -2,8 +2,10 @@
 the two time-scale schedule, zero GAN weight = DMD, backward simulation; adversarial distillation (ADD / LADD): its
 terms, the frozen teacher as the discriminator's features; both through train.py and sample.py end to end (resume
 after kill -9, 2 processes = 1, bad inputs)."""
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ import train
 from models import DiT, model_config
 from sampling import alpha_sigma, q_sample
 from step_distill import backward_simulation, generator_grid, generator_x0
+from test_convert_diffusers import convert, pipeline_images, sample_py_images
 from test_step_distill import TINY, load, run_script
 from test_train import kill_after_checkpoint, run_train
 
@@ -152,6 +155,17 @@ def test_dmd2_trains_resumes_exactly_in_two_processes_and_samples_its_grid(teach
     result = run_script("sample.py", "--ckpt", ckpt, "--out", tmp_path / "3.png", "--num-sampling-steps", 3,
                         check=False)
     assert result.returncode == 1 and "samples in 1, 2, 4 steps, not 3" in result.stderr
+    # export.py (calibrated at its grid) and run_exported.py, and a DiTPipeline folder: its own sampler, no flag
+    run_script("export.py", "--ckpt", ckpt, "--format", "torchscript", "--out", tmp_path / "g.ts")
+    metadata = json.loads((tmp_path / "g.ts.json").read_text())
+    assert metadata["sampling"]["sampler"] == "consistency" and metadata["sampling"]["steps"] == [1, 2, 4]
+    run_script("run_exported.py", tmp_path / "g.ts", "--num-samples", 4, "--out", tmp_path / "e.npz")
+    assert np.load(tmp_path / "e.npz")["arr_0"].shape == (4, 8, 8, 1)
+    convert("--to-diffusers", "--pipeline", "--ckpt", ckpt, "--out", tmp_path / "pipe")
+    labels = [1, 2, 3]
+    for steps in (1, 4):
+        torch.testing.assert_close(pipeline_images(tmp_path / "pipe", labels, 0, steps),
+                                   sample_py_images(str(ckpt), labels, 0, steps), rtol=1e-4, atol=1e-4)
 
 
 def test_dmd2_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
