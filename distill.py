@@ -17,7 +17,7 @@ from checks import UserError, non_negative_float, non_negative_int, positive_flo
 from diffusion import create_diffusion
 from diffusion.diffusion_utils import normal_kl
 from diffusion.gaussian_diffusion import mean_flat
-from method import PlainTraining, check_image_size, derived_seed, freeze
+from method import PlainTraining, TrainingMethod, check_image_size, derived_seed, freeze
 from models import DiT_models, load_state_dict_strict, model_config
 
 STAGES = ("warmup", "feature", "joint")
@@ -196,10 +196,9 @@ class SizeDistillation(PlainTraining):
     flags = ("student_model", "student_depth", "student_init_from_teacher", "kd_output_weight", "kd_feature_weight",
              "kd_kl_weight", "kd_kl_type", "kd_temperature", "warmup_steps", "feature_steps", "joint_steps")
 
-    def __init__(self, args, data, device):
-        self.args, self.data = args, data
-        self.trainable = {}
-        self.frozen = {"teacher": load_teacher(args, data)}
+    def __init__(self, args, data, device):  # not PlainTraining's: the teacher loads before the seeded student
+        TrainingMethod.__init__(self, args, data, device)
+        self.frozen["teacher"] = load_teacher(args, data)
         torch.manual_seed(derived_seed(args.seed, "init"))  # the same initial student and projections everywhere
         student = self.build_student(args.student_model, args.student_depth)
         if args.student_init_from_teacher:

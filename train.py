@@ -82,10 +82,8 @@ def new_optimizer(run, update):
 def build_run(args, data, device, world_size):
     """The method of args and everything the loop needs to step it, on device."""
     method = METHODS[method_name(args)](args, data, device)  # a UserError for a value it refuses
-    for net in method.trainable.values():
-        net.to(device).train()
-    for net in method.frozen.values():
-        net.to(device)
+    for name, net in {**method.trainable, **method.frozen}.items():
+        net.to(device).train(name in method.trainable)  # the frozen ones in eval mode
     student = method.trainable["student"]
     if args.grad_checkpointing:
         student.enable_gradient_checkpointing()
@@ -115,9 +113,10 @@ def train_step(run, step, x0, y, draws):
     for update in run.updates:
         if not update.runs_at(step):
             continue
-        for name, params in run.params.items():  # the networks this update does not train give it no gradients
-            for p in params:
-                p.requires_grad_(name in update.networks)
+        if len(run.updates) > 1:  # the networks this update does not train give it no gradients
+            for name, params in run.params.items():
+                for p in params:
+                    p.requires_grad_(name in update.networks)
         nets = {name: run.trained[name] if name in update.networks else run.called[name] for name in run.called}
         loss, terms = run.method.loss(update, nets, x0, y, draws, run.autocast)
         opt = run.optimizers[update.name]
@@ -134,8 +133,8 @@ def train_step(run, step, x0, y, draws):
                        f"{prefix}grad_norm": grad_norm})
         if "student" in update.networks:
             update_ema(run.ema, run.method.trainable["student"], run.args.ema_decay)
-    for name, params in run.params.items():
-        for p in params:
+    if len(run.updates) > 1:
+        for p in (p for params in run.params.values() for p in params):
             p.requires_grad_(True)
     run.method.end_step(step)
     return values
