@@ -40,10 +40,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checks import check_output_path, non_negative_float, positive_int, run_script
+from checks import UserError, check_output_path, non_negative_float, positive_int, run_script
 from data import LATENT_SCALE, DigitsDataset, LatentsDataset
 from diffusion.gaussian_diffusion import get_named_beta_schedule
-from models import DiT_models, load_dit_checkpoint
+from models import DiT, DiT_models, load_dit_checkpoint
+from quantization import linear_mode, quantized_linears
 from run_exported import METADATA_FILE, METADATA_KEY, quiet_torchscript_deprecation
 from sampling import DIFFUSION_STEPS, SAMPLERS, SamplingSpec, classifier_free_guidance, leading_timesteps, q_sample
 
@@ -99,6 +100,7 @@ def quantize_int8(model):
 
     Weights are int8 (per tensor); activations are quantized per call from their observed range.
     """
+    model = full_precision_copy(model)  # torch.ao converts exact nn.Linear types only
     names = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, whose int8 needs torch.compile and does not trace
@@ -106,6 +108,28 @@ def quantize_int8(model):
         warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
         return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=False)
+
+
+def full_precision_copy(model):
+    """The model itself, or for a quantization-aware one a plain DiT with its weights (no fake quantization)."""
+    if not quantized_linears(model):
+        return model
+    config = {k: v for k, v in model.config.items() if k != "weight_bits"}
+    plain = DiT(**config)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".input_log_scale")})
+    return plain.eval()
+
+
+def int8_scheme(model, args, precision):
+    """How the int8 file of this export is quantized, in words (its metadata's "quantization")."""
+    if precision == "int8-cpu":
+        return "onnxruntime dynamic int8 of the MatMuls (activations quantized per call), CPU only"
+    if args.format != "onnx":
+        return "torch.ao dynamic int8 of every Linear (per-tensor weights, activations quantized per call), CPU only"
+    if args.int8_scales == "learned":
+        return (f"learned Q/DQ on every Linear (quantization-aware distillation): {model.config['weight_bits']}-bit "
+                f"per-channel weights, int8 per-tensor inputs, zero points 0")
+    return "calibrated Q/DQ on the token Linears (post-training quantize_static on OUT_calib.npz), zero points 0"
 
 
 def export_metadata(model, data, args, precision):
@@ -136,6 +160,7 @@ def export_metadata(model, data, args, precision):
         "diffusion": {"schedule": "linear", "num_timesteps": len(betas), "beta_start": float(betas[0]),
                       "beta_end": float(betas[-1])},
         "model_config": config, "source": os.path.basename(args.ckpt), "torch": torch.__version__,
+        **({"quantization": int8_scheme(model, args, precision)} if precision.startswith("int8") else {}),
     }
 
 
@@ -562,6 +587,13 @@ def output_paths(args):
             "fp16": stem + "_fp16" + extension, "calib": stem + "_calib.npz"}
 
 
+def write_learned_qdq(model, cfg_scale, example, path, metadata, dynamic):
+    """A quantization-aware model's INT8 ONNX: every Linear as QuantizeLinear / DequantizeLinear with exactly the
+    scales it learned (int8 weights stored, zero points 0): FakeQuantLinear's "export" mode, through write_onnx."""
+    with linear_mode(model, "export"):
+        write_onnx(Denoiser(model, cfg_scale).eval(), example, path, metadata, dynamic)
+
+
 def write_variants(args, model, fp32, data, example):
     """Write the fp32 file (of the Denoiser fp32) and the int8 / fp16 files the flags ask for; returns
     [(path, metadata)], fp32 first."""
@@ -572,6 +604,11 @@ def write_variants(args, model, fp32, data, example):
         files.append((paths["int8"], export_metadata(model, data, args, "int8")))
         int8 = Denoiser(quantize_int8(model), args.cfg_scale).eval()
         WRITERS[args.format](int8, example, *files[-1], args.dynamic_batch)
+    elif args.int8 and args.int8_scales == "learned":
+        files.append((paths["int8"], export_metadata(model, data, args, "int8")))
+        write_learned_qdq(model, args.cfg_scale, example, *files[-1], args.dynamic_batch)
+        files.append((paths["int8-cpu"], export_metadata(model, data, args, "int8-cpu")))
+        quantize_onnx_cpu(paths["fp32"], *files[-1])
     elif args.int8:
         calibration = calibration_set(model.config, data, args.calib_samples, args.calib_steps or CALIB_DDIM_STEPS,
                                       args.calib_latents)
@@ -586,6 +623,21 @@ def write_variants(args, model, fp32, data, example):
         files.append((paths["fp16"], export_metadata(model, data, args, "fp16")))
         write_onnx_fp16(paths["fp32"], *files[-1])
     return files
+
+
+def check_int8_scales(args, model):
+    """--int8-scales: learned (the default for a quantization-aware checkpoint) or calibrated (post-training)."""
+    quantization_aware = bool(quantized_linears(model))
+    if args.int8_scales == "learned" and not quantization_aware:
+        raise UserError(f"--int8-scales learned: {args.ckpt} was not trained with quantization-aware distillation, "
+                        f"so it has no learned scales; run train.py --step-distillation qat --teacher-ckpt "
+                        f"{args.ckpt} first, or drop --int8-scales for post-training calibration")
+    if args.int8_scales is not None and not (args.int8 and args.format == "onnx"):
+        raise UserError("--int8-scales chooses the scales of the Q/DQ file of --format onnx --int8 only")
+    args.int8_scales = args.int8_scales or ("learned" if quantization_aware else "calibrated")
+    if args.int8_scales == "learned" and args.calib_given:
+        raise UserError("--calib-samples, --calib-steps and --calib-latents calibrate post-training INT8; this "
+                        "checkpoint's scales are learned: drop them, or pass --int8-scales calibrated")
 
 
 @torch.no_grad()
@@ -605,6 +657,9 @@ def main(args):
                          f"calibrate it; drop --calib-steps")
     guidance_range = spec.guidance_range if model.w_embedder is not None else None
     keys = "xtyw" if guidance_range else "xty"
+    check_int8_scales(args, model)
+    for layer in quantized_linears(model).values():  # a quantization-aware model's fp32 file: its plain weights
+        layer.mode = "float"
     os.makedirs(os.path.dirname(os.path.abspath(output_paths(args)["fp32"])), exist_ok=True)
 
     if args.dynamic_batch:  # traced at batch 2 (torch.export would fix a batch of 1), checked at other sizes
@@ -659,6 +714,10 @@ def parse_args(argv=None):
     output.add_argument("--cfg-scale", type=non_negative_float, default=None,
                         help="fold classifier-free guidance with this scale "
                         "into the graph (it runs the conditional and the null-label batch); default: not folded")
+    output.add_argument("--int8-scales", choices=["learned", "calibrated"], default=None,
+                        help="scales of the Q/DQ file: learned (every Linear, the scales of a checkpoint trained "
+                             "with train.py --step-distillation qat; its default) or calibrated (post-training, the "
+                             "token Linears; the default for any other checkpoint)")
     calibration = parser.add_argument_group("INT8 calibration set, OUT_calib.npz (--format onnx --int8)")
     calibration.add_argument("--calib-samples", type=positive_int, default=None,
                              help=f"training inputs forward-noised at the timesteps the model's sampler visits "
@@ -692,6 +751,7 @@ def parse_args(argv=None):
     if not calibrating and (args.calib_samples, args.calib_steps, args.calib_latents) != (None, None, None):
         parser.error("--calib-samples, --calib-steps and --calib-latents shape the calibration set of --format onnx "
                      "--int8 only")
+    args.calib_given = (args.calib_samples, args.calib_steps, args.calib_latents) != (None, None, None)
     args.calib_samples = CALIB_SAMPLES if args.calib_samples is None else args.calib_samples
     if args.calib_steps is not None:
         try:

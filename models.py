@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checks import UserError, read_file, write_atomically
+from quantization import fake_quantize_linears
 from sampling import SamplingSpec, classifier_free_guidance, guided_channels
 
 
@@ -183,6 +184,7 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         guidance_embed=False,
+        weight_bits=None,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -192,6 +194,8 @@ class DiT(nn.Module):
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
                            guidance_embed=guidance_embed)
+        if weight_bits is not None:  # quantization-aware (quantization.py); absent from every other config
+            self.config["weight_bits"] = weight_bits
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -211,6 +215,8 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if weight_bits is not None:  # every Linear simulates INT8 (weights of weight_bits bits, int8 inputs)
+            fake_quantize_linears(self, weight_bits)
         self.initialize_weights()
 
     def initialize_weights(self):

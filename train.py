@@ -8,10 +8,9 @@
     python train.py --step-distillation consistency --teacher-ckpt results/kd/checkpoints/0003000.pt \
         --sampling-steps 4 --max-steps 1200 --results-dir results/kd-4step
 
-Every recipe is a training method (method.py: the protocol) from METHODS below; it owns its networks, updates,
-draws, flags and state. This loop gives each the same guarantees: DDP and --compile for every network, one backward /
-clip / finite check / AdamW step per update, EMA, TensorBoard per loss term, and exact resume (rerunning the same
-command with the same --results-dir continues from its newest valid checkpoint).
+Every recipe is a training method (method.py: the protocol) from METHODS below, owning its networks, updates, draws,
+flags and state; this loop gives each DDP and --compile for every network, one backward / clip / finite check / AdamW
+step per update, EMA, TensorBoard per loss term and exact resume (the same command and --results-dir continue).
 """
 import argparse
 import json
@@ -35,6 +34,7 @@ from distill import SizeDistillation
 from dmd2 import DMD2
 from method import PlainTraining, derived_seed
 from models import DiT, DiT_models, save_checkpoint_atomic, update_ema
+from qat import QuantizationAwareDistillation
 from sampling import SAMPLERS, check_step_count
 from step_distill import (ConsistencyDistillation, GuidanceDistillation, ProgressiveDistillation,
                           TrajectoryConsistencyDistillation)
@@ -43,7 +43,8 @@ from step_distill import (ConsistencyDistillation, GuidanceDistillation, Progres
 # runs NAME. A new method is one module and one line here.
 METHODS = {"plain": PlainTraining, "distillation": SizeDistillation, "progressive": ProgressiveDistillation,
            "consistency": ConsistencyDistillation, "tcd": TrajectoryConsistencyDistillation,
-           "guidance": GuidanceDistillation, "dmd2": DMD2, "adversarial": AdversarialDistillation}
+           "guidance": GuidanceDistillation, "dmd2": DMD2, "adversarial": AdversarialDistillation,
+           "qat": QuantizationAwareDistillation}
 
 
 #################################################################################
