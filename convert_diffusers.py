@@ -31,9 +31,13 @@ Where diffusers' DiT computes something other than the original facebookresearch
   latent channel; the original guides the first 3 (the same for 1- to 3-channel models).
 """
 import argparse
+import ast
+import importlib
+import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -41,7 +45,8 @@ from diffusers import DiTTransformer2DModel
 
 import dit_pipeline
 from checks import UserError, number_in, positive_int, run_script
-from dit_pipeline import OriginalDiTTransformer2DModel, XEpsDiTTransformer2DModel, use_original_timestep_frequencies
+from dit_pipeline import (GuidanceEmbeddedDiTPipeline, OriginalDiTTransformer2DModel, XEpsDiTTransformer2DModel,
+                          use_original_timestep_frequencies)
 from models import DiT, DiT_models, load_dit_checkpoint, save_checkpoint_atomic
 from sampling import SamplingSpec, solver_scheduler
 
@@ -51,6 +56,9 @@ DIFFUSERS_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "Transforme
                      "OriginalDiTTransformer2DModel": OriginalDiTTransformer2DModel,
                      "XEpsDiTTransformer2DModel": XEpsDiTTransformer2DModel}
 SIDECAR = "dit_project.json"  # beside the transformer's config.json: {"data", "sampling", "class_dropout_prob"}
+FOLDER_MODULE = "dit_pipeline"  # the file a pipeline folder carries its component code in, and the module it names
+FOLDER_CODE_PACKAGES = {"torch", "numpy", "diffusers"}  # what the folder's code may import besides the stdlib
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 #################################################################################
@@ -98,6 +106,7 @@ def dit_config(config, class_dropout_prob):
         hidden_size=config["num_attention_heads"] * config["attention_head_dim"], depth=config["num_layers"],
         num_heads=config["num_attention_heads"], mlp_ratio=4.0, class_dropout_prob=class_dropout_prob,
         num_classes=config["num_embeds_ada_norm"], learn_sigma=out_channels == 2 * in_channels,
+        guidance_embed=config.get("guidance_range") is not None,  # dit_pipeline's key; a stock DiT has none
     )
 
 
@@ -105,11 +114,14 @@ def dit_config(config, class_dropout_prob):
 #                            State-dict conversion                              #
 #################################################################################
 
-def _name_pairs(depth):
-    """(our name, diffusers name) for every tensor that maps one to one; the embedders appear once per block."""
+def _name_pairs(depth, guidance_embed=False):
+    """(our name, diffusers name) for every tensor that maps one to one; the embedders appear once per block, the w
+    embedder of a guidance-distilled DiT once (dit_pipeline.OriginalDiTTransformer2DModel's guidance_embedder)."""
     modules = [("x_embedder.proj", "pos_embed.proj"),
                ("final_layer.adaLN_modulation.1", "proj_out_1"),
                ("final_layer.linear", "proj_out_2")]
+    if guidance_embed:
+        modules += [("w_embedder.mlp.0", "guidance_embedder.linear_1"), ("w_embedder.mlp.2", "guidance_embedder.linear_2")]
     for i in range(depth):
         ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
         modules += [("t_embedder.mlp.0", theirs + "norm1.emb.timestep_embedder.linear_1"),
@@ -123,12 +135,21 @@ def _name_pairs(depth):
     return pairs + [("y_embedder.embedding_table.weight", f"transformer_blocks.{i}.{table}") for i in range(depth)]
 
 
-def dit_to_diffusers(model, transformer_class=DiTTransformer2DModel):
+def dit_to_diffusers(model, transformer_class=DiTTransformer2DModel, guidance_range=None):
     """A DiT (models.DiT) -> an equivalent diffusers DiTTransformer2DModel (or transformer_class, a subclass from
     dit_pipeline) on the same device and dtype, in eval mode. The stock class is equivalent up to diffusers' timestep
-    frequencies (see the module docstring); OriginalDiTTransformer2DModel is equivalent."""
+    frequencies (see the module docstring); OriginalDiTTransformer2DModel is equivalent. A guidance-distilled DiT (a
+    w input) needs OriginalDiTTransformer2DModel or XEpsDiTTransformer2DModel and its guidance_range."""
     config = model.config
-    transformer = transformer_class(**diffusers_config(config))
+    guidance_embed = model.w_embedder is not None
+    if guidance_embed and not (issubclass(transformer_class, OriginalDiTTransformer2DModel) and guidance_range):
+        raise UserError("this DiT takes the guidance scale w as an input, which diffusers' DiTTransformer2DModel has "
+                        "no place for: convert it to dit_pipeline.OriginalDiTTransformer2DModel with its "
+                        "guidance_range")
+    if guidance_range is not None and not guidance_embed:
+        raise UserError("a guidance_range is for a guidance-distilled DiT (a w input); this DiT takes no w")
+    extra = dict(guidance_range=list(guidance_range)) if guidance_embed else {}
+    transformer = transformer_class(**diffusers_config(config), **extra)
     ours = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
 
     reference = transformer.pos_embed.pos_embed.to(ours["pos_embed"].dtype)
@@ -140,7 +161,7 @@ def dit_to_diffusers(model, transformer_class=DiTTransformer2DModel):
         ours["y_embedder.embedding_table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
 
     # load_state_dict copies, so the blocks' embedders do not share memory.
-    theirs = {their_name: ours[our_name] for our_name, their_name in _name_pairs(config["depth"])}
+    theirs = {their_name: ours[our_name] for our_name, their_name in _name_pairs(config["depth"], guidance_embed)}
     for i in range(config["depth"]):
         for suffix in ("weight", "bias"):
             q, k, v = ours[f"blocks.{i}.attn.qkv.{suffix}"].chunk(3)  # rows ordered (q|k|v, head, head_dim)
@@ -168,7 +189,7 @@ def dit_from_diffusers(source, class_dropout_prob=0.1, allow_unshared_embedders=
     theirs = {name: tensor.detach().cpu() for name, tensor in transformer.state_dict().items()}
 
     ours, largest_gap, unshared = {}, 0.0, []
-    for our_name, their_name in _name_pairs(config["depth"]):  # block 0 comes first and is the one kept
+    for our_name, their_name in _name_pairs(config["depth"], config["guidance_embed"]):  # block 0's come first, kept
         tensor = theirs[their_name]
         if our_name in ours and not torch.equal(ours[our_name], tensor):
             largest_gap = max(largest_gap, (ours[our_name].float() - tensor.float()).abs().max().item())
@@ -225,6 +246,149 @@ def read_sidecar(folder):
 
 
 #################################################################################
+#                    The code a pipeline folder carries                         #
+#################################################################################
+# diffusers loads a component whose model_index.json entry is [module, class] from <component>/<module>.py when the
+# folder has that file and the caller passes trust_remote_code=True (pipeline_loading_utils.get_class_obj_and_candidates),
+# and a pipeline class named [module, class] in _class_name from <folder>/<module>.py. The file is dit_pipeline.py
+# itself with its imports from this project replaced by the definitions they name (and theirs, recursively), so it
+# runs without the project and no second copy of the code exists.
+
+def _is_project_module(name):
+    """Whether module `name` is one of this project's files (not torch, diffusers, the standard library)."""
+    spec = importlib.util.find_spec(name.split(".")[0])
+    origin = getattr(spec, "origin", None) or ""
+    return os.path.abspath(origin).startswith(PROJECT_ROOT + os.sep)
+
+
+def _module_tree(name):
+    module = importlib.import_module(name)
+    source = inspect.getsource(module)
+    return source, ast.parse(source)
+
+
+def _top_level_names(node):
+    """The names a top-level statement binds (a def, a class, an assignment)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return [target.id for target in targets if isinstance(target, ast.Name)]
+
+
+def _used_names(node):
+    """The names a statement reads that it does not bind itself (its arguments and local assignments excluded)."""
+    bound = {arg.arg for sub in ast.walk(node) if isinstance(sub, ast.arguments)
+             for arg in sub.posonlyargs + sub.args + sub.kwonlyargs + [sub.vararg, sub.kwarg] if arg is not None}
+    read = {sub.id for sub in ast.walk(node) if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load)}
+    return sorted(read - bound - set(_top_level_names(node)))
+
+
+def _segment(source, node):
+    """A top-level statement's source lines, its decorators included."""
+    first = min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
+    return "\n".join(source.splitlines()[first - 1:node.end_lineno])
+
+
+def _import_of(node, name):
+    """(module, original name or None for `import module`) that an import statement binds `name` to, else None."""
+    for alias in node.names:
+        bound = alias.asname or alias.name.split(".")[0]
+        if bound == name:
+            if isinstance(node, ast.ImportFrom):
+                return node.module, alias.name
+            return alias.name, None
+    return None
+
+
+def _check_folder_import(module, statement):
+    package = module.split(".")[0]
+    if package not in FOLDER_CODE_PACKAGES and package not in sys.stdlib_module_names:
+        raise RuntimeError(f"the pipeline folder's code would import {package} ({statement}), which a Python with "
+                           f"diffusers alone lacks: keep dit_pipeline.py's dependencies to "
+                           f"{', '.join(sorted(FOLDER_CODE_PACKAGES))} and the standard library")
+
+
+def _inline(module_name, name, definitions, imports, seen):
+    """Add the definition of `name` in project module `module_name` to `definitions` (dependencies first) and the
+    imports of other libraries it needs to `imports`."""
+    if (module_name, name) in seen:
+        return
+    seen.add((module_name, name))
+    source, tree = _module_tree(module_name)
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and _import_of(node, name):
+            target, original = _import_of(node, name)
+            if _is_project_module(target):
+                if original is None or original != name:
+                    raise RuntimeError(f"{module_name} binds {name} by `{ast.unparse(node)}`; the folder's code "
+                                       f"inlines only `from <project module> import name`")
+                _inline(target, original, definitions, imports, seen)
+            else:
+                statement = f"from {target} import {original}" if original else f"import {target}"
+                statement += f" as {name}" if name != (original or target) else ""
+                _check_folder_import(target, statement)
+                imports.setdefault(statement)
+            return
+        if name in _top_level_names(node):
+            for used in _used_names(node):
+                if any(used in _top_level_names(other) or (isinstance(other, (ast.Import, ast.ImportFrom)) and
+                                                           _import_of(other, used)) for other in tree.body):
+                    _inline(module_name, used, definitions, imports, seen)
+            if name in definitions:
+                raise RuntimeError(f"{name} is defined in two modules the folder's code inlines")
+            definitions[name] = f"# from {module_name}.py\n{_segment(source, node)}"
+            return
+    raise RuntimeError(f"{module_name} defines no {name}")
+
+
+def folder_code():
+    """dit_pipeline.py as one file that needs no project: its `from <project module> import ...` lines replaced by
+    those definitions (and what they use); everything else as written."""
+    source, tree = _module_tree(dit_pipeline.__name__)
+    lines = source.splitlines()
+    definitions, imports, seen, project_imports = {}, {}, set(), []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and _is_project_module(node.module):
+            project_imports.append(node)
+            for alias in node.names:
+                if alias.asname:
+                    raise RuntimeError(f"dit_pipeline.py imports {alias.name} as {alias.asname}; import it by name")
+                _inline(node.module, alias.name, definitions, imports, seen)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            _check_folder_import(node.module if isinstance(node, ast.ImportFrom) else node.names[0].name,
+                                 ast.unparse(node))
+    own_imports = {ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))}
+    first, last = project_imports[0].lineno, project_imports[-1].end_lineno
+    header = ("# Generated by this DiT project's convert_diffusers.py from its dit_pipeline.py, with the definitions\n"
+              "# it imports from the project inlined (each marked with its module). Do not edit: regenerate it.")
+    needed = [statement for statement in imports if statement not in own_imports]
+    inlined = "\n".join(needed) + "\n\n\n" + "\n\n\n".join(definitions.values())
+    return "\n".join([header, *lines[:first - 1], inlined, *lines[last:]]) + "\n"
+
+
+def write_folder_code(folder, components):
+    """The folder's code (folder_code) in every component subfolder that names FOLDER_MODULE in model_index.json,
+    and at the top when the pipeline class is one of dit_pipeline's; model_index.json names FOLDER_MODULE for them
+    (diffusers writes the module the classes were imported from)."""
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    code = folder_code()
+    for name, component in components.items():
+        if type(component).__module__ == dit_pipeline.__name__:
+            index[name] = [FOLDER_MODULE, type(component).__name__]
+            with open(os.path.join(folder, name, f"{FOLDER_MODULE}.py"), "w") as f:
+                f.write(code)
+    if index["_class_name"] == GuidanceEmbeddedDiTPipeline.__name__:
+        index["_class_name"] = [FOLDER_MODULE, GuidanceEmbeddedDiTPipeline.__name__]
+        with open(os.path.join(folder, f"{FOLDER_MODULE}.py"), "w") as f:
+            f.write(code)
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+#################################################################################
 #                                 Command line                                  #
 #################################################################################
 
@@ -247,12 +411,13 @@ def write_folder_atomic(write, folder):
 def project_transformer(model, data):
     """The DiT as the dit_pipeline transformer that computes what it computes, and the SIDECAR entries."""
     spec = SamplingSpec.from_checkpoint_entry(data["sampling"])
-    if model.w_embedder is not None:
-        raise UserError(f"this is a {spec.method}-distilled student that takes the guidance scale w as an "
-                         f"input, which diffusers' DiTTransformer2DModel has no place for; convert its teacher, or "
-                         f"sample it with sample.py / export.py")
+    if model.w_embedder is not None and not spec.guidance_range:
+        raise UserError(f"this {spec.method}-distilled DiT takes the guidance scale w as an input, but its "
+                        f"checkpoint's sampling entry names no guidance_range: pass the checkpoint train.py wrote")
     x_eps = spec.parametrisation == "x-eps"
-    transformer = dit_to_diffusers(model, XEpsDiTTransformer2DModel if x_eps else OriginalDiTTransformer2DModel)
+    guidance_range = spec.guidance_range if model.w_embedder is not None else None
+    transformer = dit_to_diffusers(model, XEpsDiTTransformer2DModel if x_eps else OriginalDiTTransformer2DModel,
+                                   guidance_range)
     sidecar = {"data": {k: v for k, v in data.items() if k != "sampling"}, "sampling": spec.to_dict(),
                "class_dropout_prob": model.config["class_dropout_prob"]}
     return transformer, sidecar
@@ -282,14 +447,18 @@ def pipeline_decoder(data, vae):
 
 
 def write_diffusers(model, data, out, pipeline=False, vae=None):
-    """The transformer folder (pipeline=False) or a complete DiTPipeline folder at `out`, with SIDECAR."""
+    """The transformer folder (pipeline=False) or a complete pipeline folder at `out` (DiTPipeline, or
+    GuidanceEmbeddedDiTPipeline for a w input) that carries its code (write_folder_code), with SIDECAR."""
     transformer, sidecar = project_transformer(model, data)
 
     def write(folder):
         if pipeline:
             from diffusers import DiTPipeline
-            DiTPipeline(transformer=transformer, vae=pipeline_decoder(data, vae),
-                        scheduler=pipeline_scheduler(data)).save_pretrained(folder)
+            guided = transformer.config.guidance_range is not None
+            components = dict(transformer=transformer, vae=pipeline_decoder(data, vae),
+                              scheduler=pipeline_scheduler(data))
+            (GuidanceEmbeddedDiTPipeline if guided else DiTPipeline)(**components).save_pretrained(folder)
+            write_folder_code(folder, components)
         else:
             transformer.save_pretrained(folder)
         with open(os.path.join(folder, "transformer" if pipeline else "", SIDECAR), "w") as f:
@@ -364,10 +533,18 @@ def main(args):
     if args.to_diffusers:
         model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
         transformer = write_diffusers(model, data, args.out, args.pipeline, args.vae)
-        kind = "DiTPipeline" if args.pipeline else type(transformer).__name__
-        print(f"wrote {args.out}: {kind} of {dict(transformer.config)}")
-        print("load it with: import dit_pipeline; DiTPipeline.from_pretrained(...) or "
-              f"{type(transformer).__name__}.from_pretrained(...) (run from this project, or put it on PYTHONPATH)")
+        if args.pipeline:
+            with open(os.path.join(args.out, "model_index.json")) as f:
+                kind = json.load(f)["_class_name"]
+            print(f"wrote {args.out}: {kind} with a {type(transformer).__name__} of {dict(transformer.config)}")
+            print(f"load it with diffusers alone (trust_remote_code runs the folder's {FOLDER_MODULE}.py files): "
+                  f"from diffusers import DiffusionPipeline; "
+                  f"DiffusionPipeline.from_pretrained({args.out!r}, trust_remote_code=True)")
+        else:
+            print(f"wrote {args.out}: {type(transformer).__name__} of {dict(transformer.config)}")
+            print(f"load it in this project: import dit_pipeline; dit_pipeline.{type(transformer).__name__}"
+                  f".from_pretrained(...), or convert it back with --from-diffusers (a folder that travels: "
+                  f"--pipeline)")
     else:
         model, entries = read_diffusers(args.from_diffusers, args.class_dropout_prob, args.allow_unshared_embedders)
         state_dict = model.state_dict()

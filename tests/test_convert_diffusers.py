@@ -209,12 +209,20 @@ def convert(*args):
     convert_diffusers.main(parse_args([str(a) for a in args]))
 
 
+@pytest.fixture(autouse=True)
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies a folder's code into HF_MODULES_CACHE and puts that on sys.path: here a temporary one."""
+    from diffusers.utils import dynamic_modules_utils
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 def pipeline_images(folder, labels, seed, steps, guidance_scale=1.0):
-    """DiTPipeline's images as sample.py's [-1, 1] tensors. The re-noising of a consistency step comes from torch's
-    global RNG in the pipeline; set it where sample.py's generator is after the initial noise."""
-    import dit_pipeline  # noqa: F401  (diffusers finds the project's component classes once they are imported)
-    from diffusers import DiTPipeline
-    pipe = DiTPipeline.from_pretrained(folder, local_files_only=True)
+    """DiTPipeline's images as sample.py's [-1, 1] tensors, from the folder's own code. The re-noising of a
+    consistency step comes from torch's global RNG in the pipeline; set it where sample.py's generator is after the
+    initial noise."""
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
     config = pipe.transformer.config
     generator = torch.Generator().manual_seed(seed)
     torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size, generator=generator)
