@@ -1,8 +1,10 @@
 """convert_diffusers.py: our DiT <-> diffusers' DiTTransformer2DModel, on tiny random models (CPU, no downloads)."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -209,12 +211,18 @@ def convert(*args):
     convert_diffusers.main(parse_args([str(a) for a in args]))
 
 
-@pytest.fixture(autouse=True)
-def modules_cache(tmp_path, monkeypatch):
-    """diffusers copies a folder's code into HF_MODULES_CACHE and puts that on sys.path: here a temporary one."""
+@contextlib.contextmanager
+def temporary_modules_cache():
+    """diffusers copies a folder's code into HF_MODULES_CACHE (default ~/.cache/huggingface/modules) and puts that on
+    sys.path: a temporary one instead, sys.path restored after."""
     from diffusers.utils import dynamic_modules_utils
-    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    saved_cache, saved_path = dynamic_modules_utils.HF_MODULES_CACHE, list(sys.path)
+    with tempfile.TemporaryDirectory() as cache:
+        dynamic_modules_utils.HF_MODULES_CACHE = cache
+        try:
+            yield
+        finally:
+            dynamic_modules_utils.HF_MODULES_CACHE, sys.path[:] = saved_cache, saved_path
 
 
 def pipeline_images(folder, labels, seed, steps, guidance_scale=1.0):
@@ -222,7 +230,8 @@ def pipeline_images(folder, labels, seed, steps, guidance_scale=1.0):
     consistency step comes from torch's global RNG in the pipeline; set it where sample.py's generator is after the
     initial noise."""
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
+    with temporary_modules_cache():
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
     config = pipe.transformer.config
     generator = torch.Generator().manual_seed(seed)
     torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size, generator=generator)
