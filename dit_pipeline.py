@@ -52,6 +52,12 @@ def use_original_timestep_frequencies(transformer):
     return transformer
 
 
+def add_guidance_embedding(embeddings, inputs, conditioning):
+    """Forward hook of a block's timestep-label embedder: c = t + y + w, w's embedding set by the forward (a function
+    of the module alone, so a deep copy of the transformer adds its own)."""
+    return conditioning + embeddings.guidance_embedding  # (N, D)
+
+
 class OriginalDiTTransformer2DModel(DiTTransformer2DModel):
     """DiTTransformer2DModel with the original DiT's timestep frequencies and null label (see the module docstring).
 
@@ -65,21 +71,18 @@ class OriginalDiTTransformer2DModel(DiTTransformer2DModel):
         self.register_to_config(guidance_range=None if guidance_range is None else [float(w) for w in guidance_range])
         use_original_timestep_frequencies(self)
         self.guidance_scale = None
-        self._guidance_embedding = None  # (N, D) during a forward of a guidance-distilled model
         if guidance_range is not None:
             width = self.config.num_attention_heads * self.config.attention_head_dim
             self.guidance_proj = Timesteps(FREQUENCY_EMBEDDING_SIZE, flip_sin_to_cos=True, downscale_freq_shift=0)
             self.guidance_embedder = TimestepEmbedding(FREQUENCY_EMBEDDING_SIZE, width)
             for block in self.transformer_blocks:  # block 0's also makes the final layer's conditioning
-                block.norm1.emb.register_forward_hook(self._add_guidance_embedding)
+                block.norm1.emb.guidance_embedding = None
+                block.norm1.emb.register_forward_hook(add_guidance_embedding)
 
     # The config keys diffusers reads from the signature: the parent's and guidance_range.
     __init__.__signature__ = inspect.signature(DiTTransformer2DModel.__init__).replace(parameters=[
         *inspect.signature(DiTTransformer2DModel.__init__).parameters.values(),
         inspect.Parameter("guidance_range", inspect.Parameter.KEYWORD_ONLY, default=None)])
-
-    def _add_guidance_embedding(self, module, inputs, conditioning):
-        return conditioning + self._guidance_embedding  # (N, D)
 
     def forward(self, hidden_states, timestep=None, class_labels=None, *args, guidance_scale=None, **kwargs):
         num_classes = self.config.num_embeds_ada_norm
@@ -93,11 +96,14 @@ class OriginalDiTTransformer2DModel(DiTTransformer2DModel):
             return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
         w = torch.as_tensor(w, dtype=torch.float32, device=hidden_states.device).expand(len(hidden_states))  # (N,)
         frequencies = self.guidance_proj(w * GUIDANCE_EMBED_SCALE)  # (N, 256)
-        self._guidance_embedding = self.guidance_embedder(frequencies.to(self.guidance_embedder.linear_1.weight.dtype))
+        embedding = self.guidance_embedder(frequencies.to(self.guidance_embedder.linear_1.weight.dtype))  # (N, D)
+        for block in self.transformer_blocks:
+            block.norm1.emb.guidance_embedding = embedding
         try:
             return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
         finally:
-            self._guidance_embedding = None
+            for block in self.transformer_blocks:
+                block.norm1.emb.guidance_embedding = None
 
 
 class XEpsDiTTransformer2DModel(OriginalDiTTransformer2DModel):

@@ -2,6 +2,7 @@
 cannot be imported (diffusers alone, the folder's own code through trust_remote_code), and held equal to sample.py
 on the same model and noise."""
 import ast
+import copy
 import json
 import os
 import subprocess
@@ -206,6 +207,12 @@ def test_guided_transformer_computes_the_dit():
         back = dit_from_diffusers(transformer)
         assert back.config == model.config
         assert_same_state_dict(back.state_dict(), model.state_dict())
+        with torch.no_grad():  # a deep copy (an EMA, say) adds its own w embedding, not the original's
+            copied = copy.deepcopy(transformer)
+            torch.nn.init.zeros_(transformer.guidance_embedder.linear_2.bias)
+            again = copied(x, timestep=t, class_labels=y, guidance_scale=w).sample
+        torch.testing.assert_close(again[:, :1] if transformer_class is XEpsDiTTransformer2DModel else again, ours,
+                                   rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="no place for"):
         dit_to_diffusers(model)
 
