@@ -252,3 +252,15 @@ def test_few_step_grid_is_the_samplers(sampler):
         spec = SamplingSpec(parametrisation="x-eps", sampler=sampler, consistency_skip=skip)
         for steps in (1, 2, 3, 4, 8):
             assert scheduler.sampler_timesteps(steps) == SAMPLERS[sampler].timesteps(steps, spec)
+
+
+def test_a_w_input_without_its_range_is_a_clear_error(tmp_path):
+    model = student(dict(input_size=8, in_channels=1, num_classes=10, guidance_embed=True))
+    torch.save({"config": model.config, "ema": model.state_dict(), "data": PIXEL, "sampling": CONSISTENCY},
+               tmp_path / "guided.pt")
+    with pytest.raises(ValueError, match="names no guidance_range"):
+        convert("--to-diffusers", "--pipeline", "--ckpt", tmp_path / "guided.pt", "--out", tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+    with pytest.raises(ValueError, match="this DiT takes no w"):
+        dit_to_diffusers(student(dict(input_size=8, in_channels=1, num_classes=10)), OriginalDiTTransformer2DModel,
+                         (1.0, 4.0))
