@@ -1,33 +1,44 @@
-"""This project's DiT as diffusers pipeline components: what a DiTPipeline folder written by
-`convert_diffusers.py --to-diffusers --pipeline` names in its model_index.json.
+"""This project's DiT as diffusers pipeline components: the code a pipeline folder written by
+`convert_diffusers.py --to-diffusers --pipeline` carries. convert_diffusers.py writes this module into the folder
+(as dit_pipeline.py in each component's subfolder, and at the top for GuidanceEmbeddedDiTPipeline) with its imports
+from this project replaced by the definitions they name, so the folder loads with diffusers alone:
 
-    import dit_pipeline  # diffusers loads a component class from outside diffusers only once the caller imported it
-    from diffusers import DiTPipeline
-    pipe = DiTPipeline.from_pretrained("dit-pipeline")
+    import torch
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("dit-pipeline", trust_remote_code=True)  # runs the folder's code
     images = pipe(class_labels=[0, 1, 2], num_inference_steps=20, guidance_scale=1.0).images
 
 - OriginalDiTTransformer2DModel: diffusers' DiTTransformer2DModel computing what the original DiT computes: its
   timestep frequencies 10000^(-i / half) (diffusers' DiT fixes downscale_freq_shift=1 outside its config) and its null
-  label at num_classes (DiTPipeline passes 1000 whatever the model's class count). Same weights, same file layout.
+  label at num_classes (DiTPipeline passes 1000 whatever the model's class count). Same weights, same file layout;
+  with guidance_range in its config it is a guidance-distilled DiT (Meng et al. 2023) that takes w as an input.
 - XEpsDiTTransformer2DModel: a step-distilled student (progressive, consistency), whose two output groups are
   (eps~, x~); it returns its x_0 estimate (and zeros where DiTPipeline expects the learned variance).
 - FewStepScheduler: the samplers such students are distilled for (sampling.py's ddim-trailing, consistency, tcd), as
   a diffusers scheduler that takes that x_0, at the timesteps sampling.SAMPLERS declares for them.
 - PixelDecoder: the identity in place of the VAE of a pixel-space model (DiTPipeline always decodes).
+- GuidanceEmbeddedDiTPipeline: DiTPipeline for a transformer that takes w: guidance_scale goes in as w, one forward
+  per step at every w, instead of DiTPipeline's classifier-free guidance.
+This module imports only torch, diffusers and the standard library outside this project (the folder's copy must run
+without the project).
 """
-import functools
+import inspect
 
 import torch
-from diffusers import DiTTransformer2DModel, ModelMixin, SchedulerMixin
+from diffusers import DiTPipeline, DiTTransformer2DModel, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from sampling import (DIFFUSION_STEPS, SAMPLERS, TCD_GAMMA, SamplingSpec, alpha_sigma, consistency_boundary,
-                      ddim_step, predict_x0_eps, q_sample, tcd_step)
+from models import GUIDANCE_EMBED_SCALE
+from sampling import (DIFFUSION_STEPS, TCD_GAMMA, alpha_sigma, consistency_boundary, ddim_step, predict_x0_eps,
+                      q_sample, tcd_step, trailing_timesteps)
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class for guidance, fixed for ImageNet's 1000 classes
+DIFFUSERS_DEFAULT_GUIDANCE = 4.0  # DiTPipeline's default guidance_scale
+FREQUENCY_EMBEDDING_SIZE = 256  # the sinusoidal width of DiT's timestep (and w) embedders
 
 
 def use_original_timestep_frequencies(transformer):
@@ -41,27 +52,68 @@ def use_original_timestep_frequencies(transformer):
     return transformer
 
 
+def add_guidance_embedding(embeddings, inputs, conditioning):
+    """Forward hook of a block's timestep-label embedder: c = t + y + w, w's embedding set by the forward (a function
+    of the module alone, so a deep copy of the transformer adds its own)."""
+    return conditioning + embeddings.guidance_embedding  # (N, D)
+
+
 class OriginalDiTTransformer2DModel(DiTTransformer2DModel):
-    """DiTTransformer2DModel with the original DiT's timestep frequencies and null label (see the module docstring)."""
+    """DiTTransformer2DModel with the original DiT's timestep frequencies and null label (see the module docstring).
 
-    @functools.wraps(DiTTransformer2DModel.__init__)  # the parent's signature: diffusers reads the config keys from it
-    def __init__(self, *args, **kwargs):
+    guidance_range: (low, high) of the w a guidance-distilled DiT takes (None: no w input). Its w embedder is the
+    DiT's (w * GUIDANCE_EMBED_SCALE, sinusoids, two-layer MLP), added to every block's conditioning as the DiT adds
+    it to c = t + y; w comes from forward's guidance_scale, else from the attribute guidance_scale (the pipeline's).
+    """
+
+    def __init__(self, *args, guidance_range=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.register_to_config(guidance_range=None if guidance_range is None else [float(w) for w in guidance_range])
         use_original_timestep_frequencies(self)
+        self.guidance_scale = None
+        if guidance_range is not None:
+            width = self.config.num_attention_heads * self.config.attention_head_dim
+            self.guidance_proj = Timesteps(FREQUENCY_EMBEDDING_SIZE, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.guidance_embedder = TimestepEmbedding(FREQUENCY_EMBEDDING_SIZE, width)
+            for block in self.transformer_blocks:  # block 0's also makes the final layer's conditioning
+                block.norm1.emb.guidance_embedding = None
+                block.norm1.emb.register_forward_hook(add_guidance_embedding)
 
-    def forward(self, hidden_states, timestep=None, class_labels=None, *args, **kwargs):
+    # The config keys diffusers reads from the signature: the parent's and guidance_range.
+    __init__.__signature__ = inspect.signature(DiTTransformer2DModel.__init__).replace(parameters=[
+        *inspect.signature(DiTTransformer2DModel.__init__).parameters.values(),
+        inspect.Parameter("guidance_range", inspect.Parameter.KEYWORD_ONLY, default=None)])
+
+    def forward(self, hidden_states, timestep=None, class_labels=None, *args, guidance_scale=None, **kwargs):
         num_classes = self.config.num_embeds_ada_norm
         if class_labels is not None and num_classes != DIFFUSERS_NULL_LABEL:
             class_labels = torch.where(class_labels == DIFFUSERS_NULL_LABEL, num_classes, class_labels)
-        return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        if (w is None) != (self.config.guidance_range is None):
+            raise ValueError("this guidance-distilled DiT takes the guidance scale w as an input: pass guidance_scale"
+                             if w is None else "this DiT was not guidance-distilled: it takes no guidance_scale")
+        if w is None:
+            return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
+        w = torch.as_tensor(w, dtype=torch.float32, device=hidden_states.device).expand(len(hidden_states))  # (N,)
+        frequencies = self.guidance_proj(w * GUIDANCE_EMBED_SCALE)  # (N, 256)
+        embedding = self.guidance_embedder(frequencies.to(self.guidance_embedder.linear_1.weight.dtype))  # (N, D)
+        for block in self.transformer_blocks:
+            block.norm1.emb.guidance_embedding = embedding
+        try:
+            return super().forward(hidden_states, timestep, class_labels, *args, **kwargs)
+        finally:
+            for block in self.transformer_blocks:
+                block.norm1.emb.guidance_embedding = None
 
 
 class XEpsDiTTransformer2DModel(OriginalDiTTransformer2DModel):
     """A step-distilled student (x-eps, Salimans & Ho 2022, App. D): returns (x_0, zeros), 2C channels, for
     FewStepScheduler (DiTPipeline keeps the first C of a learned-sigma model's output)."""
 
-    def forward(self, hidden_states, timestep=None, class_labels=None, *args, return_dict=True, **kwargs):
-        output = super().forward(hidden_states, timestep, class_labels, *args, **kwargs).sample  # (N, 2C, H, W)
+    def forward(self, hidden_states, timestep=None, class_labels=None, *args, guidance_scale=None, return_dict=True,
+                **kwargs):
+        output = super().forward(hidden_states, timestep, class_labels, *args, guidance_scale=guidance_scale,
+                                 **kwargs).sample  # (N, 2C, H, W)
         t = timestep.expand(len(hidden_states)) if timestep.dim() else timestep.repeat(len(hidden_states))
         x0, _ = predict_x0_eps(output, hidden_states.float(), t, "x-eps")
         sample = torch.cat([x0, torch.zeros_like(x0)], dim=1).to(output.dtype)
@@ -92,10 +144,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = None
 
     def sampler_timesteps(self, num_steps):
-        """The timesteps SAMPLERS declares for this sampler (a consistency student's grid of consistency_skip)."""
-        spec = SamplingSpec(parametrisation="x-eps", sampler=self.config.sampler,
-                            consistency_skip=self.config.consistency_skip)
-        return SAMPLERS[self.config.sampler].timesteps(num_steps, spec)
+        """The timesteps SAMPLERS declares for this sampler: the trailing grid, every consistency_skip-th timestep
+        for a consistency or TCD student (a test holds the two equal)."""
+        stride = 1 if self.config.sampler == "ddim-trailing" else self.config.consistency_skip
+        return trailing_timesteps(num_steps, stride)
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.timesteps = torch.tensor(self.sampler_timesteps(num_inference_steps), device=device)
@@ -144,3 +196,26 @@ class PixelDecoder(ModelMixin, ConfigMixin):
 
     def decode(self, z, return_dict=True):
         return DecoderOutput(sample=z) if return_dict else (z,)
+
+
+class GuidanceEmbeddedDiTPipeline(DiTPipeline):
+    """DiTPipeline for a guidance-distilled transformer (config guidance_range): guidance_scale is its input w, one
+    forward per step at every w (DiTPipeline's own call, run unguided with the transformer reading w)."""
+
+    @torch.no_grad()
+    def __call__(self, class_labels, guidance_scale=None, generator=None, num_inference_steps=50, output_type="pil",
+                 return_dict=True):
+        """As DiTPipeline's call; guidance_scale None: DiTPipeline's default 4 clamped into the distilled range."""
+        guidance_range = self.transformer.config.guidance_range
+        if guidance_range is None:
+            raise ValueError("GuidanceEmbeddedDiTPipeline needs a transformer that takes w (config guidance_range); "
+                             "load this folder with DiTPipeline")
+        low, high = guidance_range
+        w = min(max(DIFFUSERS_DEFAULT_GUIDANCE, low), high) if guidance_scale is None else float(guidance_scale)
+        if not low <= w <= high:
+            raise ValueError(f"guidance_scale {w} is outside the range this student was distilled for [{low}, {high}]")
+        self.transformer.guidance_scale = w
+        try:  # guidance_scale 1: DiTPipeline neither doubles the batch nor guides
+            return super().__call__(class_labels, 1.0, generator, num_inference_steps, output_type, return_dict)
+        finally:
+            self.transformer.guidance_scale = None

@@ -1,8 +1,10 @@
 """convert_diffusers.py: our DiT <-> diffusers' DiTTransformer2DModel, on tiny random models (CPU, no downloads)."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -209,12 +211,27 @@ def convert(*args):
     convert_diffusers.main(parse_args([str(a) for a in args]))
 
 
+@contextlib.contextmanager
+def temporary_modules_cache():
+    """diffusers copies a folder's code into HF_MODULES_CACHE (default ~/.cache/huggingface/modules) and puts that on
+    sys.path: a temporary one instead, sys.path restored after."""
+    from diffusers.utils import dynamic_modules_utils
+    saved_cache, saved_path = dynamic_modules_utils.HF_MODULES_CACHE, list(sys.path)
+    with tempfile.TemporaryDirectory() as cache:
+        dynamic_modules_utils.HF_MODULES_CACHE = cache
+        try:
+            yield
+        finally:
+            dynamic_modules_utils.HF_MODULES_CACHE, sys.path[:] = saved_cache, saved_path
+
+
 def pipeline_images(folder, labels, seed, steps, guidance_scale=1.0):
-    """DiTPipeline's images as sample.py's [-1, 1] tensors. The re-noising of a consistency step comes from torch's
-    global RNG in the pipeline; set it where sample.py's generator is after the initial noise."""
-    import dit_pipeline  # noqa: F401  (diffusers finds the project's component classes once they are imported)
-    from diffusers import DiTPipeline
-    pipe = DiTPipeline.from_pretrained(folder, local_files_only=True)
+    """DiTPipeline's images as sample.py's [-1, 1] tensors, from the folder's own code. The re-noising of a
+    consistency step comes from torch's global RNG in the pipeline; set it where sample.py's generator is after the
+    initial noise."""
+    from diffusers import DiffusionPipeline
+    with temporary_modules_cache():
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
     config = pipe.transformer.config
     generator = torch.Generator().manual_seed(seed)
     torch.randn(len(labels), config.in_channels, config.sample_size, config.sample_size, generator=generator)
