@@ -4,14 +4,17 @@
 
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
 --distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
-student into the shipped few-step model (train.py --step-distillation, 4 steps, OUT/fewstep), 5. samples all four with
-the same classes and initial noise (teacher.npz, student.npz, scratch.npz, fewstep.npz), 6. scores them (evaluate.py),
-7. scores the teacher and the distilled student under DDIM, DPM-Solver++ 2M and UniPC at 5 / 10 / 20 steps against
-DDIM 50 (samplers.py), 8. exports the distilled and the few-step student (export.py: fp32 and int8; the few-step
-student's ONNX also fp16 and CPU int8) and scores samples made through every exported file (run_exported.py),
-9. writes report.md, a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler
-(DPM-Solver++ 2M, 20 steps: DDIM 50's quality in 2.5x fewer forwards, the sampler table). Every step is reused when
-its output already exists, so rerunning after a stop continues where it stopped.
+student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 4:
+4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills that into the shipped model
+(train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all five with the same classes and
+initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two forwards per step) and the guided
+students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. scores the teacher and the distilled student under
+DDIM, DPM-Solver++ 2M and UniPC at 5 / 10 / 20 steps against DDIM 50 (samplers.py), 9. exports the distilled, the
+few-step and the shipped student (export.py: fp32, int8 (post-training for the first two, the learned full INT8 of
+the shipped one), fp16) and scores samples made through every exported file (run_exported.py), 10. writes report.md,
+a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler (DPM-Solver++ 2M, 20
+steps: DDIM 50's quality in 2.5x fewer forwards, the sampler table). Every step is reused when its output already
+exists, so rerunning after a stop continues where it stopped.
 """
 import argparse
 import json
@@ -28,7 +31,10 @@ from experiments import (STUDENT, TEACHER, TRAINING, digits_labels, exported_met
 # the learning rate; the EMA's time constant (100 steps) also stays well below a progressive round.
 FEWSTEP_TRAINING = ["--global-batch-size", "128", "--lr", "1e-3", "--ema-decay", "0.99", "--log-every", "100"]
 FEWSTEP_METHOD_FLAGS = {"progressive": ["--progressive-start-steps", "32"], "consistency": []}
-NAMES = ("teacher", "student", "scratch", "fewstep")
+# Quantization-aware distillation of the few-step student: a fine-tuning at a tenth of its learning rate.
+QAT_TRAINING = ["--global-batch-size", "128", "--lr", "1e-4", "--ema-decay", "0.99", "--log-every", "50"]
+NAMES = ("teacher", "student", "scratch", "fewstep", "shipped")
+GUIDED_NAMES = ("teacher", "fewstep", "shipped")  # sampled at --guidance-scales too
 
 
 def train_models(args):
@@ -49,10 +55,14 @@ def train_models(args):
     fewstep_dir = os.path.join(args.out, "fewstep")
     run("train.py", "--step-distillation", args.fewstep_method, "--teacher-ckpt", student_ckpt,
         "--sampling-steps", args.fewstep_sampling_steps, *FEWSTEP_METHOD_FLAGS[args.fewstep_method],
-        "--max-steps", args.fewstep_steps, "--ckpt-every", args.fewstep_steps, "--results-dir", fewstep_dir,
-        "--seed", args.seed, *FEWSTEP_TRAINING)
+        "--guidance-range", *args.guidance_range, "--max-steps", args.fewstep_steps, "--ckpt-every",
+        args.fewstep_steps, "--results-dir", fewstep_dir, "--seed", args.seed, *FEWSTEP_TRAINING)
+    fewstep_ckpt = final_checkpoint(fewstep_dir, args.fewstep_steps)
+    shipped_dir = os.path.join(args.out, "shipped")
+    run("train.py", "--step-distillation", "qat", "--teacher-ckpt", fewstep_ckpt, "--max-steps", args.qat_steps,
+        "--ckpt-every", args.qat_steps, "--results-dir", shipped_dir, "--seed", args.seed, *QAT_TRAINING)
     return {"teacher": teacher_ckpt, "student": student_ckpt, "scratch": final_checkpoint(scratch_dir, student_steps),
-            "fewstep": final_checkpoint(fewstep_dir, args.fewstep_steps)}
+            "fewstep": fewstep_ckpt, "shipped": final_checkpoint(shipped_dir, args.qat_steps)}
 
 
 def sample_all(args, checkpoints):
@@ -75,6 +85,23 @@ def sample_all(args, checkpoints):
     return time_sampling(rows, labels, args.seed, args.timing_samples, rounds=3)
 
 
+def sample_guided(args, checkpoints):
+    """The teacher (classifier-free guidance: two forwards per step) and the guidance-distilled students (w as an
+    input: one forward) at each --guidance-scales w, the same labels and noise as sample_all: {name: npz path}."""
+    from models import load_dit_checkpoint
+    from sample import generate, save_npz
+    labels, paths = digits_labels(args.num_samples), {}
+    for name in GUIDED_NAMES:
+        model, data = load_dit_checkpoint(checkpoints[name])
+        for w in args.guidance_scales:
+            paths[f"{name} w={w:g}"] = npz = os.path.join(args.out, f"{name}_w{w:g}.npz")
+            if not os.path.exists(npz):
+                settings = dict(sampling_settings(args, data), cfg_scale=w)
+                images = generate(model, data, labels, seed=args.seed, batch_size=500, progress=True, **settings)
+                save_npz(npz, images, labels)
+    return paths
+
+
 def sampling_settings(args, data):
     """--sampler in --steps for the diffusion models; the few-step student's own sampler and steps (unguided)."""
     if data["sampling"]["sampler"] is not None:
@@ -92,29 +119,33 @@ def compare_samplers(args, checkpoints):
         return f.read().rstrip("\n")
 
 
-def score_all(args):
+def score_all(args, guided):
     from evaluate import digits_reference_scores, digits_scores
     cache = os.path.join(args.out, "digits_scorer")
     scores = {}
-    for name in NAMES:
-        with np.load(os.path.join(args.out, f"{name}.npz")) as samples:
+    for name, path in {**{name: os.path.join(args.out, f"{name}.npz") for name in NAMES}, **guided}.items():
+        with np.load(path) as samples:
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"], cache_dir=cache)
     scores["real"] = digits_reference_scores(cache_dir=cache)
     return scores
 
 
 def export_students(args, checkpoints):
-    """The distilled and the few-step student, verified by export.py: TorchScript fp32 + int8 (libtorch, a Jetson's
-    CPU) and ONNX fp32 + Q/DQ int8 (TensorRT); the shipped few-step student also as ONNX fp16 (TensorRT) and as
-    onnxruntime's CPU-only dynamic int8. Returns {name: path} of the files to score."""
+    """The distilled, the few-step and the shipped student, verified by export.py: TorchScript fp32 + int8 (libtorch,
+    a Jetson's CPU; not for the shipped one, whose INT8 is the Q/DQ file) and ONNX fp32 + Q/DQ int8 (TensorRT,
+    OpenVINO: post-training on the token Linears for the first two, the learned full INT8 for the shipped one); the
+    few-step and the shipped student also as ONNX fp16 (TensorRT) and as onnxruntime's CPU-only dynamic int8.
+    Returns {name: path} of the files to score."""
     exported = {}
-    for name in ("student", "fewstep"):
+    for name in ("student", "fewstep", "shipped"):
         guidance = ["--cfg-scale", args.cfg_scale] if args.cfg_scale != 1 and name == "student" else []
         for form, extension in (("torchscript", ".ts"), ("onnx", ".onnx")):
+            if name == "shipped" and form == "torchscript":
+                continue
             out = os.path.join(args.out, "export", name + extension)
             stem = out[: -len(extension)]
             files = {f"{name} {form}": out, f"{name} {form} int8": stem + "_int8" + extension}
-            fp16 = ["--fp16"] if form == "onnx" and name == "fewstep" else []
+            fp16 = ["--fp16"] if form == "onnx" and name != "student" else []
             if fp16:  # the CPU int8 file is written with every ONNX --int8; scored for the shipped model only
                 files |= {f"{name} onnx int8-cpu": stem + "_int8_cpu.onnx", f"{name} onnx fp16": stem + "_fp16.onnx"}
             if not all(os.path.exists(path) for path in files.values()):
@@ -136,7 +167,7 @@ def score_exports(args, exported):
             # run_exported.py's sampler, called here rather than as a new process per file (each would import
             # diffusers for the solver again); export.py has already run every file in a process of its own
             denoise, metadata = run_exported.load_denoiser(path, "cpu")
-            few_step = name.startswith("fewstep")
+            few_step = exported_metadata(path)["sampling"]["sampler"] is not None
             samples = run_exported.sample(denoise, metadata, labels, None if few_step else args.steps, args.seed,
                                           sampler=None if few_step else args.sampler)
             images = run_exported.to_uint8_nhwc(samples)
@@ -170,7 +201,7 @@ def save_loss_curves(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    figure, axes = plt.subplots(1, 4, figsize=(20, 4))
+    figure, axes = plt.subplots(1, len(NAMES), figsize=(5 * len(NAMES), 4))
     for axis, name in zip(axes, NAMES):
         events = EventAccumulator(os.path.join(args.out, name, "tensorboard"))
         events.Reload()
@@ -178,7 +209,8 @@ def save_loss_curves(args):
             steps, values = zip(*[(e.step, e.value) for e in events.Scalars(tag)])
             axis.plot(steps, values, label=tag[len("loss/"):])
         axis.set_title({"teacher": "teacher", "student": "distilled student", "scratch": "student from scratch",
-                        "fewstep": f"few-step student ({args.fewstep_method})"}[name])
+                        "fewstep": f"few-step student ({args.fewstep_method} + guidance)",
+                        "shipped": "shipped student (quantization-aware INT8)"}[name])
         axis.set_xlabel("step")
         axis.set_yscale("log")
         axis.legend(fontsize=7)
@@ -187,6 +219,18 @@ def save_loss_curves(args):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def guidance_table(args, scores):
+    """Markdown: the teacher's two-forward guidance against the guidance-distilled students' one forward, per w."""
+    lines = [f"| w | teacher ({args.sampler} {args.steps}, 2 forwards / step): accuracy | Frechet | "
+             f"few-step student (1 forward / step): accuracy | Frechet | shipped INT8 student: accuracy | Frechet |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for w in (1.0, *args.guidance_scales):
+        keys = [name if w == 1 else f"{name} w={w:g}" for name in GUIDED_NAMES]
+        lines.append(f"| {w:g} | " + " | ".join(f"{scores[k]['accuracy']:.3f} | {scores[k]['frechet']:.2f}"
+                                                 for k in keys) + " |")
+    return lines
 
 
 def write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown):
@@ -202,7 +246,10 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
                  "class accuracy | Frechet distance |", "|---|---:|---:|---:|---:|---:|---:|"]
     names = {"teacher": f"teacher ({TEACHER})", "student": f"distilled student ({STUDENT})",
              "scratch": f"scratch student ({STUDENT})",
-             "fewstep": f"few-step student ({STUDENT}, {args.fewstep_method}-distilled from the distilled student)"}
+             "fewstep": f"few-step student ({STUDENT}, {args.fewstep_method}-distilled from the distilled student, "
+                        f"guidance w in {args.guidance_range} folded in)",
+             "shipped": "shipped student (the few-step student, quantization-aware distilled: simulated INT8 on "
+                        "every Linear)"}
     for name, path in checkpoints.items():
         model, data = load_dit_checkpoint(path)
         parameters = sum(p.numel() for p in model.parameters())
@@ -213,8 +260,13 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
         lines.append(f"| {names[name]} | {parameters:,} | {gflops:.4f} | {forwards} | "
                      f"{timings[name] / timings['teacher']:.3f} | {scores[name]['accuracy']:.3f} | "
                      f"{scores[name]['frechet']:.2f} |")
-    lines += ["", "![teacher / distilled / scratch / few-step student](comparison.png)", "",
-              "Rows: teacher, distilled student, scratch student, few-step student; columns: classes 0-9.", "",
+    lines += ["", "![teacher / distilled / scratch / few-step / shipped student](comparison.png)", "",
+              "Rows: teacher, distilled student, scratch student, few-step student, shipped student; columns: classes "
+              "0-9.", "",
+              f"Guidance: the teacher's classifier-free guidance (conditional and null batch: two forwards per step) "
+              f"against the students that take w as an input (one forward per step at any w in "
+              f"{args.guidance_range}); the same labels and noise, {args.num_samples} samples per cell.", "",
+              *guidance_table(args, scores), "",
               "![loss curves](loss_curves.png)", "",
               f"Samplers (samplers.py; {args.num_samples} samples per row, the same labels and noise, unguided; time "
               f"per image relative to the teacher's DDIM 50, one timing round). The diffusion models above sample "
@@ -262,6 +314,12 @@ def parse_args(argv=None):
                              "(consistency: 13.2 Frechet at 4 steps where progressive reached 17.2, README)")
     parser.add_argument("--fewstep-steps", type=positive_int, default=1200, help="its training steps")
     parser.add_argument("--fewstep-sampling-steps", type=positive_int, default=4, help="the steps it samples in")
+    parser.add_argument("--guidance-range", type=non_negative_float, nargs=2, default=[1.0, 4.0],
+                        metavar=("WMIN", "WMAX"), help="guidance scales folded into the few-step student (an input)")
+    parser.add_argument("--guidance-scales", type=non_negative_float, nargs="+", default=[1.5, 3.0],
+                        help="w at which the teacher and the guided students are also scored (besides 1)")
+    parser.add_argument("--qat-steps", type=positive_int, default=300,
+                        help="quantization-aware distillation steps of the shipped student")
     parser.add_argument("--num-samples", type=positive_int, default=500, help="samples per model for the scores")
     parser.add_argument("--sampler", choices=["ddim", "dpm++2m", "unipc"], default="dpm++2m",
                         help="sampler of the diffusion models (DPM-Solver++ 2M: DDIM 50's scores at 20 steps, README)")
@@ -276,7 +334,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     checkpoints = train_models(args)
     timings = sample_all(args, checkpoints)
-    scores = score_all(args)
+    scores = score_all(args, sample_guided(args, checkpoints))
     exported = export_students(args, checkpoints)
     sampler_markdown = compare_samplers(args, checkpoints)
     export_scores = score_exports(args, exported)

@@ -8,7 +8,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--teacher-steps", "4", "--warmup-steps", "2", "--feature-steps", "2", "--joint-steps", "2",
-        "--num-samples", "20", "--steps", "3", "--timing-samples", "4", "--fewstep-steps", "3"]
+        "--num-samples", "20", "--steps", "3", "--timing-samples", "4", "--fewstep-steps", "3", "--qat-steps", "3"]
 
 
 def run(script, *arguments):
@@ -21,8 +21,9 @@ def run(script, *arguments):
 def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     out = tmp_path / "digits"
     run("run_digits.py", "--out", str(out), *TINY)
-    for name in ("teacher.npz", "student.npz", "scratch.npz", "fewstep.npz", "report.md", "comparison.png",
-                 "loss_curves.png", "scores.json", "fewstep/checkpoints/0000003.pt"):
+    for name in ("teacher.npz", "student.npz", "scratch.npz", "fewstep.npz", "shipped.npz", "report.md",
+                 "comparison.png", "loss_curves.png", "scores.json", "fewstep/checkpoints/0000003.pt",
+                 "shipped/checkpoints/0000003.pt", "teacher_w1.5.npz", "fewstep_w3.npz", "shipped_w3.npz"):
         assert (out / name).exists(), name
     for model in ("student", "fewstep"):
         for name in (".ts", "_int8.ts", ".onnx", "_int8.onnx", "_calib.npz"):
@@ -32,7 +33,8 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
         assert samples["arr_1"].tolist() == [i % 10 for i in range(20)]
     report = (out / "report.md").read_text()
     for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)",
-                "few-step student (DiT-Digits-S, consistency-distilled from the distilled student) | 330,248 | "):
+                "few-step student (DiT-Digits-S, consistency-distilled from the distilled student, guidance w in "
+                "[1.0, 4.0] folded in) | 350,856 | ", "shipped student (the few-step student, quantization-aware"):
         assert row in report
     for sampler in ("ddim", "dpm++2m", "unipc"):  # the sampler table: teacher and student side by side
         for steps in (5, 10, 20):
@@ -44,11 +46,17 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     fewstep_row = next(line for line in report.splitlines() if line.startswith("| few-step student"))
     assert fewstep_row.split(" | ")[3] == "4"  # forwards per image: its 4 steps
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores["scores"]) == {"teacher", "student", "scratch", "fewstep", "real"}
+    assert set(scores["scores"]) == {"teacher", "student", "scratch", "fewstep", "shipped", "real"} | {
+        f"{name} w={w}" for name in ("teacher", "fewstep", "shipped") for w in ("1.5", "3")}
+    guidance_rows = [line for line in report.splitlines() if line.startswith(("| 1 |", "| 1.5 |", "| 3 |"))]
+    assert len(guidance_rows) == 3 and all(len(row.split(" | ")) == 7 for row in guidance_rows)
     # Samples made through every exported file, fp32, int8 and fp16, scored side by side.
     assert set(scores["exports"]) == {f"{model} {form}" for model in ("student", "fewstep")
                                       for form in ("torchscript", "torchscript int8", "onnx", "onnx int8")} | {
-        "fewstep onnx int8-cpu", "fewstep onnx fp16"}
+        f"{model} onnx {form}" for model in ("fewstep", "shipped") for form in ("int8-cpu", "fp16")} | {
+        "shipped onnx", "shipped onnx int8"}
+    assert json.loads((out / "export" / "shipped_int8.onnx.json").read_text())["quantization"].startswith(
+        "learned Q/DQ on every Linear")
     assert "| export/fewstep_fp16.onnx | fp16 |" in report and "| export/fewstep_int8.onnx | int8 |" in report
     fp32_row = next(line for line in report.splitlines() if line.startswith("| export/fewstep.onnx |"))
     assert fp32_row.split(" | ")[3:5] == ["1.00", "1.00"]  # CPU latency relative to itself, batch 1 and 8
