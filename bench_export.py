@@ -108,7 +108,29 @@ def runtime_comparison(name, export_argv, onnx_files, repeats, threads=None):
     if export.openvino_installed():
         kernels = run_exported.openvino_kernels(onnx_files["int8"], dict(zip("xty", feeds[BATCH_SIZES[-1]])),
                                                 threads)
-    return rows, kernels
+    return rows, kernels, weight_bits_errors(onnx_files, feeds, reference, threads)
+
+
+def weight_bits_errors(onnx_files, feeds, reference, threads=None):
+    """{7: error, 8: error}: relative error against eager of the Q/DQ file (7-bit weights) and of the same file
+    quantized with full-range 8-bit weights, both computed exactly (onnxruntime with its fused int8 kernels off:
+    DequantizeLinear, then fp32 MatMul), as TensorRT computes them: what 7 bits cost where nothing saturates."""
+    import onnxruntime as ort
+
+    int8 = onnx_files["int8"]
+    full_range = int8[:-len(".onnx")] + "_8bit.onnx"
+    calibration = dict(np.load(onnx_files["fp32"][:-len(".onnx")] + "_calib.npz"))
+    export.quantize_onnx_qdq(onnx_files["fp32"], full_range, run_exported.load_denoiser(int8)[1], calibration,
+                             reduce_range=False)
+    errors = {}
+    for bits, path in ((7, int8), (8, full_range)):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        outputs = {b: session.run(None, dict(zip("xty", feeds[b])))[0] for b in BATCH_SIZES}
+        errors[bits] = export.compare(outputs, reference)[1]
+    return errors
 
 
 def runtime_table(rows):
@@ -136,7 +158,7 @@ def main(args):
     models = [("digits", args.digits_ckpt or random_digits_checkpoint(args.out_dir), []),
               ("dit_s2", args.dit_s2_ckpt or random_dit_s2_state_dict(args.out_dir),
                ["--model", "DiT-S/2", "--image-size", str(DIT_S2_IMAGE_SIZE)])]
-    results, runtime_rows, kernels = [], [], {}
+    results, runtime_rows, kernels, bits = [], [], {}, {}
     for name, ckpt, extra in models:
         for fmt, extension in export.EXTENSIONS.items():
             argv = ["--ckpt", ckpt, "--format", fmt, "--dynamic-batch", "--repeats", str(args.repeats),
@@ -151,7 +173,8 @@ def main(args):
                 results.append(dict(result, model=name))
             if fmt == "onnx":
                 onnx_files = {r["precision"]: r["path"] for r in results if r["model"] == name and r["format"] == fmt}
-                rows, kernels[name] = runtime_comparison(name, argv, onnx_files, args.repeats, args.threads)
+                rows, kernels[name], bits[name] = runtime_comparison(name, argv, onnx_files, args.repeats,
+                                                                     args.threads)
                 runtime_rows += rows
     threads = f"{args.threads} thread(s)" if args.threads else "default threads"
     cpu = run_exported.describe_cpu(run_exported.cpu_description())
@@ -162,6 +185,11 @@ def main(args):
     print(runtime_table(runtime_rows))
     if not export.openvino_installed():
         print("\nOpenVINO is not installed, so its rows are left out: pip install openvino")
+    print("\nThe Q/DQ file computed exactly (onnxruntime, fused int8 kernels off, as TensorRT computes it), relative "
+          "error against torch eager fp32:")
+    for name, errors in bits.items():
+        print(f"- {name}_int8.onnx: 7-bit weights (the file) {errors[7]:.2e}, full-range 8-bit weights "
+              f"{errors[8]:.2e}")
     for name, found in kernels.items():
         if found:
             total = sum(k["ms"] for k in found) or 1.0

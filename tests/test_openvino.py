@@ -247,7 +247,9 @@ def test_runtime_openvino_errors(onnx_files, tmp_path):
 
 
 def test_bench_runtime_table_times_every_runtime_side_by_side(onnx_files):
-    rows, kernels = runtime_comparison("digits", onnx_files["argv"], onnx_files["paths"], repeats=1, threads=1)
+    rows, kernels, bits = runtime_comparison("digits", onnx_files["argv"], onnx_files["paths"], repeats=1,
+                                             threads=1)
+    assert bits[8] < bits[7] < bits[8] + 0.01  # what 7-bit weights cost, computed exactly
     expected = [("torch eager", "fp32")] + [r for r in [("onnxruntime", "fp32"), ("onnxruntime", "int8"),
                                                         ("onnxruntime", "int8-cpu"), ("openvino", "fp32"),
                                                         ("openvino", "fp16"), ("openvino", "int8")]
