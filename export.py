@@ -25,7 +25,9 @@ float32, so run_exported.py runs them all alike.
   exported     torch.export's ExportedProgram saved with torch.export.save (.pt2); fp32 only (INT8_EXPORTED_UNSUPPORTED
                below says why).
 Right after it is written, every file is loaded and run in a fresh Python process that can import nothing of the
-project (a copy of run_exported.py in an empty folder), compared with the eager fp32 model and timed on the CPU.
+project (a copy of run_exported.py in an empty folder), compared with the eager fp32 model and timed on the CPU; ONNX
+files run there in onnxruntime and, where it is installed, in OpenVINO (the table's openvino rows, with the kernels
+OpenVINO's profiling saw).
 """
 import argparse
 import json
@@ -45,7 +47,7 @@ from data import LATENT_SCALE, DigitsDataset, LatentsDataset
 from diffusion.gaussian_diffusion import get_named_beta_schedule
 from models import DiT, DiT_models, load_dit_checkpoint
 from quantization import linear_mode, quantized_linears
-from run_exported import METADATA_FILE, METADATA_KEY, quiet_torchscript_deprecation
+from run_exported import METADATA_FILE, METADATA_KEY, describe_cpu, quiet_torchscript_deprecation
 from sampling import DIFFUSION_STEPS, SAMPLERS, SamplingSpec, classifier_free_guidance, leading_timesteps, q_sample
 
 EXTENSIONS = {"torchscript": ".ts", "onnx": ".onnx", "exported": ".pt2"}
@@ -294,15 +296,27 @@ def token_linear_nodes(model):
     return [node.name for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in weights]
 
 
-def quantize_onnx_qdq(fp32_path, int8_path, metadata, calibration):
-    """Explicit INT8 for TensorRT: QuantizeLinear / DequantizeLinear around the Linear layers on tokens, nothing else
-    added (onnxruntime's quantize_static, QDQ format; TensorRT fuses each Q/DQ pair with its MatMul into an int8 GEMM).
+def quantize_onnx_qdq(fp32_path, int8_path, metadata, calibration, reduce_range=True):
+    """Explicit INT8 for TensorRT and CPUs: QuantizeLinear / DequantizeLinear around the Linear layers on tokens,
+    nothing else added (onnxruntime's quantize_static, QDQ format; TensorRT fuses each Q/DQ pair with its MatMul into
+    an int8 GEMM, onnxruntime and OpenVINO run it as an int8 MatMul).
 
     Symmetric int8 everywhere (zero points 0, as TensorRT requires): weights per output channel, activations per
     tensor with the max |value| seen on the calibration rows. The timestep / adaLN Gemms (one row per image, a third
     of DiT's weights), the patch embedding and attention's two activation products stay fp32, as ModelOpt's ONNX PTQ
     leaves them too: quantizing the Gemms that read the timestep embedding raised the error from 3% to 14% on inputs
     away from the calibrated timesteps (digits student).
+
+    reduce_range (the default): 7-bit weights, in [-64, 64] (scale max |w| / 64 per channel). On x86 CPUs without
+    AVX-512 VNNI / AVX-VNNI (AVX2 only) onnxruntime's fused int8 kernels, and OpenVINO's legacy int8 path, shift the
+    int8 activations to uint8 (+128) and multiply with VPMADDUBSW, which adds each pair of u8 x s8 products into an
+    int16 with saturation: with full-range weights (|w| <= 127) a pair reaches 2 * 255 * 127 = 64770 and saturates
+    (9.8% error measured on a digits Q/DQ file on such a CPU, issue 21); with |w| <= 64 it stays within 2 * 255 * 64
+    = 32640 < 32767, so the file computes the same numbers on every CPU. One 7-bit file serves every target, TensorRT
+    included, rather than one file per target: TensorRT (no saturation) would gain only the finer weight grid of 8
+    bits, 0.2-0.3 points of relative error computed exactly (1.7% against 1.4-1.5%, digits student and DiT-S/2,
+    README), and a file that is silently wrong on the CPU it happens to meet is worse than one slightly less exact
+    everywhere. reduce_range=False writes full-range weights (for that measurement).
     """
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -321,8 +335,9 @@ def quantize_onnx_qdq(fp32_path, int8_path, metadata, calibration):
         staged, external = staged_onnx(fp32_path, metadata, tmp, prepare=True)
         quantize_static(staged, int8_path, CalibrationRows(), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul"], nodes_to_quantize=token_linear_nodes(onnx.load(staged)),
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=external,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
 
 
@@ -492,14 +507,23 @@ def run_in_fresh_process(paths, inputs, repeats=0, threads=None):
     Returns (outputs, latencies): per file, {B: output} for every batch size B in inputs and {B: median CPU seconds}
     (empty unless repeats > 0; the files are timed interleaved, in the same process, with threads CPU threads).
     """
+    outputs, report = fresh_process_report(paths, inputs, repeats, threads)
+    return outputs, report["latency_s"]
+
+
+def fresh_process_report(paths, inputs, repeats=0, threads=None, runtimes=None):
+    """run_in_fresh_process, with runtimes (per file: onnxruntime or openvino, see run_exported.run_files); returns
+    (outputs, run_files' report with integer batch sizes)."""
+    runtimes = runtimes or ["onnxruntime"] * len(paths)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(RUNNER, tmp)
         inputs_path = os.path.join(tmp, "inputs.npz")
         np.savez(inputs_path, **inputs)
-        code = ("import json, sys, run_exported; repeats, threads, inputs, folder, *paths = sys.argv[1:]; "
-                "print(json.dumps(run_exported.run_files(paths, inputs, folder, int(repeats), int(threads))))")
+        code = ("import json, sys, run_exported; repeats, threads, inputs, folder, runtimes, *paths = sys.argv[1:]; "
+                "print(json.dumps(run_exported.run_files(paths, inputs, folder, int(repeats), int(threads), "
+                "runtimes.split(','))))")
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-        command = [sys.executable, "-c", code, str(repeats), str(threads or 0), inputs_path, tmp]
+        command = [sys.executable, "-c", code, str(repeats), str(threads or 0), inputs_path, tmp, ",".join(runtimes)]
         command += [os.path.abspath(path) for path in paths]
         process = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
         if process.returncode:
@@ -512,7 +536,8 @@ def run_in_fresh_process(paths, inputs, repeats=0, threads=None):
                 outputs.append({int(key[4:]): saved[key] for key in saved.files})
     if report["modules"]:
         raise RuntimeError(f"running {', '.join(paths)} imported {report['modules']}, which they must not need")
-    return outputs, [{int(b): s for b, s in latency.items()} for latency in report["latency_s"]]
+    report["latency_s"] = [{int(b): s for b, s in latency.items()} for latency in report["latency_s"]]
+    return outputs, report
 
 
 def compare(outputs, reference):
@@ -528,49 +553,87 @@ def compare(outputs, reference):
     return float(np.abs(exported - eager).max()), float(difference / scale)
 
 
+def openvino_installed():
+    import importlib.util
+    return importlib.util.find_spec("openvino") is not None
+
+
 def verify(files, inputs, reference, repeats, threads=None):
     """Check freshly written files: in one fresh process each must load, run, and match the eager fp32 model.
 
-    files: [(path, metadata)]. The same process times them (interleaved). Returns one result dict per file.
+    files: [(path, metadata)]. The same process times them (interleaved); ONNX files run in onnxruntime and, where
+    OpenVINO is installed, in OpenVINO too (checked alike; result["openvino"], with the kernels its profiling saw).
+    Returns (one result dict per file, run_exported.cpu_description() of the CPU that ran them).
     """
-    outputs, latencies = run_in_fresh_process([path for path, _ in files], inputs, repeats, threads)
-    results = []
-    for (path, metadata), output, latency in zip(files, outputs, latencies):
+    runs = [(path, metadata, "onnxruntime") for path, metadata in files]
+    if any(metadata["format"] == "onnx" for _, metadata in files):
+        if openvino_installed():
+            runs += [(path, metadata, "openvino") for path, metadata in files if metadata["format"] == "onnx"]
+        else:
+            print("OpenVINO is not installed, so the ONNX files are not checked in it: pip install openvino")
+    outputs, report = fresh_process_report([path for path, _, _ in runs], inputs, repeats, threads,
+                                           [runtime for _, _, runtime in runs])
+    results = {}
+    for (path, metadata, runtime), output, latency, kernels in zip(runs, outputs, report["latency_s"],
+                                                                   report["kernels"]):
         max_abs, relative = compare(output, reference)
         precision = metadata["precision"]
         tolerance = TOLERANCES[precision]
+        where = " in OpenVINO" if runtime == "openvino" else ""
         if not relative <= tolerance:  # also catches NaN
-            raise RuntimeError(f"{path} differs from the eager fp32 model by a relative error of {relative:.3g} "
-                               f"(allowed {tolerance}); the export is broken"
+            raise RuntimeError(f"{path}{where} differs from the eager fp32 model by a relative error of "
+                               f"{relative:.3g} (allowed {tolerance}); the export is broken"
                                + ("" if precision == "fp32" else f", or this model does not survive {precision}: "
                                                                  f"use fp32"))
-        print(f"{path} ({file_size(path) / 1e6:.2f} MB) loads and runs in a fresh process without the project's "
-              f"code; relative error against the eager fp32 model {relative:.2e}")
-        results.append({"path": path, "format": metadata["format"], "precision": precision,
-                        "size_bytes": file_size(path), "max_abs_error": max_abs, "relative_error": relative,
-                        "latency_s": latency})
-    return results
+        print(f"{path} ({file_size(path) / 1e6:.2f} MB) loads and runs{where} in a fresh process without the "
+              f"project's code; relative error against the eager fp32 model {relative:.2e}")
+        result = {"path": path, "format": metadata["format"], "precision": precision,
+                  "size_bytes": file_size(path), "max_abs_error": max_abs, "relative_error": relative,
+                  "latency_s": latency}
+        if runtime == "openvino":
+            results[path]["openvino"] = dict(result, runtime="openvino", kernels=kernels)
+        else:
+            results[path] = dict(result, runtime="torch" if metadata["format"] != "onnx" else "onnxruntime")
+    return list(results.values()), report["cpu"]
 
 
 def results_table(results):
-    """Markdown: one row per file; int8 rows give size and CPU latency relative to the fp32 file of their format."""
-    batches = sorted({b for r in results for b in r["latency_s"]})
-    header = ["file", "format", "precision", "size (MB)", "fp32 size / size", "max abs err", "rel err vs eager fp32"]
+    """Markdown: one row per file and runtime (a file's OpenVINO run below its onnxruntime one); int8, fp16 and
+    OpenVINO rows give size and CPU latency relative to the fp32 file of their format in its first runtime
+    (onnxruntime for ONNX)."""
+    rows = [row for r in results for row in (r, *([dict(r["openvino"], model=r["model"])] if "openvino" in r else []))]
+    batches = sorted({b for r in rows for b in r["latency_s"]})
+    header = ["file", "format", "runtime", "precision", "size (MB)", "fp32 size / size", "max abs err",
+              "rel err vs eager fp32"]
     for b in batches:
         header += [f"CPU ms, batch {b}", f"latency / fp32, batch {b}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
+    for r in rows:
         key = (r["model"], r["format"], "fp32")
         base = next(f for f in results if (f["model"], f["format"], f["precision"]) == key)
-        row = [os.path.basename(r["path"]), r["format"], r["precision"], f"{r['size_bytes'] / 1e6:.2f}",
-               f"{base['size_bytes'] / r['size_bytes']:.2f}x", f"{r['max_abs_error']:.2e}",
-               f"{r['relative_error']:.2e}"]
+        row = [os.path.basename(r["path"]), r["format"], r.get("runtime", "-"), r["precision"],
+               f"{r['size_bytes'] / 1e6:.2f}", f"{base['size_bytes'] / r['size_bytes']:.2f}x",
+               f"{r['max_abs_error']:.2e}", f"{r['relative_error']:.2e}"]
         for b in batches:
             if b in r["latency_s"]:
                 row += [f"{1e3 * r['latency_s'][b]:.1f}", f"{r['latency_s'][b] / base['latency_s'][b]:.2f}"]
             else:
                 row += ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def kernels_summary(results, top=4):
+    """Lines naming what OpenVINO's profiling saw run for each ONNX file: its slowest kernels and their share."""
+    lines = []
+    for r in results:
+        if "openvino" not in r:
+            continue
+        kernels = r["openvino"]["kernels"]
+        total = sum(k["ms"] for k in kernels) or 1.0
+        named = ", ".join(f"{k['node']} {k['kernel']} x{k['count']} {100 * k['ms'] / total:.0f}%"
+                          for k in kernels[:top])
+        lines.append(f"- {os.path.basename(r['path'])} in OpenVINO: {named}")
     return "\n".join(lines)
 
 
@@ -676,13 +739,16 @@ def main(args):
     for path, metadata in files:
         with open(path + ".json", "w") as f:
             json.dump(metadata, f, indent=2)
-    results = verify(files, inputs, reference, args.repeats, args.threads)
+    results, cpu = verify(files, inputs, reference, args.repeats, args.threads)
     for result in results:
         result["model"] = os.path.basename(args.ckpt)
     threads = f"{args.threads} thread(s)" if args.threads else "default threads"
     print(f"\nCPU latency: median of {args.repeats} runs per batch size, files interleaved in one fresh process, "
-          f"{threads}")
+          f"{threads}; {describe_cpu(cpu)}")
     print(results_table(results))
+    if any("openvino" in result for result in results):
+        print(f"\nOpenVINO's profiling at batch {max(batch_sizes)} (layer type, kernel, count, share of its time):")
+        print(kernels_summary(results))
     return results
 
 

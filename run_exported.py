@@ -1,6 +1,8 @@
-"""Sample images from an exported DiT denoiser with only torch (.ts, .pt2) or only onnxruntime and numpy (.onnx).
+"""Sample images from an exported DiT denoiser with only torch (.ts, .pt2), or only numpy and onnxruntime or OpenVINO
+(.onnx).
 
     python run_exported.py dit.onnx --num-steps 50 --class-labels 1 2 3 --seed 0 --out samples.npz --png grid.png
+    python run_exported.py dit_int8.onnx --runtime openvino --class-labels 1 2 3 --out samples.npz
 
 Standalone on purpose: copy this file and a file written by export.py to the target (a Jetson, a server) and run it;
 it imports no project module. It reads the metadata export.py embeds in the file (image size, channels, classes,
@@ -12,7 +14,10 @@ for a guidance-distilled model. Pixel-space models write an ADM-layout .npz: arr
 in the scaled latent space): decoding them needs the Stable Diffusion VAE, which this runner does not carry, e.g.
 diffusers' AutoencoderKL.decode(latents / latent_scale) on a machine that has it.
 TorchScript and ExportedProgram files run on the CPU (the trace records the CPU as the device of the tensors it
-creates); ONNX files run on onnxruntime's CUDA provider when it is installed, else on the CPU.
+creates); ONNX files run on onnxruntime's CUDA provider when it is installed, else on the CPU, or with --runtime
+openvino on OpenVINO's CPU plugin (`pip install openvino`), which reads the same fp32, fp16 and Q/DQ INT8 files. OpenVINO runs
+each file in the precision written in it: its CPU default of bf16 arithmetic on CPUs with AVX-512 BF16 or AMX is
+switched off (INFERENCE_PRECISION_HINT f32), so an fp32 file computes in fp32 and the INT8 file's Linear layers in int8.
 """
 import argparse
 import contextlib
@@ -36,6 +41,12 @@ WARMUP_RUNS = 3  # untimed runs per file and batch size before timing (first-cal
 PROJECT_MODULES = ("models", "diffusion", "data", "export", "train", "sample", "sampling", "distill", "step_distill",
                    "evaluate", "checks")
 TEMPORARY_PREFIX = ".tmp-"  # checks.TEMPORARY_PREFIX, so checks.remove_temporaries clears what a killed run left
+RUNTIMES = ("onnxruntime", "openvino")  # for ONNX files; TorchScript and .pt2 files run on torch
+OPENVINO_MISSING = "--runtime openvino needs OpenVINO, which is not installed here: pip install openvino"
+# The CPU features that decide which int8 kernels a runtime has: x86 VNNI / AMX do u8 x s8 (and s8 x s8) dot products
+# in int32; AVX2 alone has VPMADDUBSW, whose int16 pair sums saturate; ARM's dot product / i8mm instructions.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16",
+                "asimddp", "i8mm", "sve", "bf16")
 
 
 @contextlib.contextmanager
@@ -58,17 +69,29 @@ def model_format(path):
     return FORMATS[extension]
 
 
-def load_denoiser(path, device="cpu", threads=None):
+def load_denoiser(path, device="cpu", threads=None, runtime="onnxruntime"):
     """(denoise, metadata) for an exported file; denoise(x float32, t float32, y int32[, w float32]) -> float32 numpy
     array (w: the guidance scales, an input of guidance-distilled models only).
 
-    device is used for ONNX files only ("cuda" tries onnxruntime's CUDA provider); the others run on the CPU.
-    threads: CPU threads of the runtime (None: its default, one per core).
+    device is used for onnxruntime only ("cuda" tries its CUDA provider); the others run on the CPU.
+    threads: CPU threads of the runtime (None: its default, one per core). runtime: how an ONNX file runs,
+    "onnxruntime" or "openvino" (its CPU plugin).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; write it with export.py")
     kind = model_format(path)
-    if kind == "onnx":
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "openvino" and kind != "onnx":
+        raise ValueError(f"--runtime openvino runs ONNX files; {path} is a {kind} file, which runs on torch: drop "
+                         f"--runtime or pass the .onnx file")
+    if runtime == "openvino":
+        _, request, metadata = openvino_session(path, threads)
+
+        def denoise(x, t, y, w=None):
+            outputs = request.infer({"x": x, "t": t, "y": y, **({} if w is None else {"w": w})})
+            return outputs[0].copy()  # the request's own buffer, overwritten by its next call
+    elif kind == "onnx":
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -109,6 +132,76 @@ def load_denoiser(path, device="cpu", threads=None):
     if not metadata:
         raise ValueError(f"{path} carries no DiT metadata ({METADATA_KEY}); export it with export.py")
     return denoise, json.loads(metadata)
+
+
+def openvino_session(path, threads=None, profile=False):
+    """(compiled model, infer request, metadata JSON) of an ONNX file on OpenVINO's CPU plugin, one compile for every
+    batch size (the file's batch dimension stays dynamic). profile: record per-node timings (PERF_COUNT) for
+    openvino_kernels."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError(OPENVINO_MISSING) from None
+    core = ov.Core()
+    model = read_exported(path, lambda: core.read_model(path))
+    key = ["framework", METADATA_KEY]  # OpenVINO keeps an ONNX file's metadata_props under "framework"
+    metadata = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": profile}  # the file's own precision, not bf16
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
+    return compiled, compiled.create_infer_request(), metadata
+
+
+def openvino_kernels(path, feed, threads=None):
+    """What OpenVINO's CPU plugin runs for a file, from its own profiling of a run on feed (a dict of inputs) after
+    warm-up runs: [{"node": layer type, "kernel": exec_type (implementation and precision, e.g. brgemm_avx512_i8),
+    "count", "ms"}], the slowest first."""
+    _, request, _ = openvino_session(path, threads, profile=True)
+    for _ in range(WARMUP_RUNS + 1):  # the last run's timings: the first ones include one-time allocations
+        request.infer(feed)
+    kernels = {}
+    for node in request.get_profiling_info():
+        if node.status.name == "NOT_RUN":
+            continue
+        entry = kernels.setdefault((node.node_type, node.exec_type), [0, 0.0])
+        entry[0] += 1
+        entry[1] += node.real_time.total_seconds() * 1e3
+    return [{"node": node, "kernel": kernel, "count": count, "ms": round(ms, 3)}
+            for (node, kernel), (count, ms) in sorted(kernels.items(), key=lambda item: -item[1][1])]
+
+
+def cpu_description():
+    """The CPU's name and the instruction sets that decide its int8 kernels (CPU_FEATURES, from /proc/cpuinfo), and
+    OpenVINO's OPTIMIZATION_CAPABILITIES where OpenVINO is installed: {"name", "features", "openvino"}."""
+    name, flags = None, set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Hardware") and name is None:
+                    name = value.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(value.split())
+    capabilities = None
+    try:
+        import openvino as ov
+        core = ov.Core()
+        capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        name = name or core.get_property("CPU", "FULL_DEVICE_NAME")
+    except ImportError:
+        pass
+    return {"name": name or "unknown", "features": [f for f in CPU_FEATURES if f in flags], "openvino": capabilities}
+
+
+def describe_cpu(cpu):
+    """One line for a table header, from cpu_description()."""
+    x86 = "avx2" in cpu["features"]
+    missing = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f not in cpu["features"]] if x86 else []
+    return (f"CPU {cpu['name']}: {' '.join(cpu['features']) or 'none of ' + ' '.join(CPU_FEATURES)}"
+            + (f" (no {', '.join(missing)})" if missing else "")
+            + (f"; OpenVINO capabilities {' '.join(cpu['openvino'])}" if cpu["openvino"] else ""))
 
 
 def read_exported(path, load, runtime_errors=()):
@@ -428,16 +521,20 @@ def sample(denoise, metadata, labels, num_steps=None, seed=0, batch_size=None, c
 #           Checking and timing exported files (called by export.py)            #
 #################################################################################
 
-def run_files(paths, inputs_path, outputs_folder, repeats=0, threads=None):
+def run_files(paths, inputs_path, outputs_folder, repeats=0, threads=None, runtimes=None):
     """Run exported files on the batches in inputs_path (x_<B>, t_<B>, y_<B>[, w_<B>]); outputs go to
     outputs_folder/<i>.npz.
 
     export.py calls this in a fresh Python process holding a copy of this file only, so nothing of the project is
     importable. With repeats > 0 every batch is also timed on the CPU, the files interleaved run by run so that load
-    from other processes hits them alike. Returns {"latency_s": [{B: median seconds}, ...] per file, "modules": the
-    project modules (and, for ONNX, torch) this process imported, which must be none}. threads: see load_denoiser.
+    from other processes hits them alike. runtimes: per file, how an ONNX file runs (see load_denoiser; default
+    onnxruntime); a path may come twice, with two runtimes. Returns {"latency_s": [{B: median seconds}, ...] per file,
+    "kernels": per file, openvino_kernels at the largest batch for OpenVINO runs (None for the others), "cpu":
+    cpu_description(), "modules": the project modules (and, for ONNX, torch) this process imported, which must be
+    none}. threads: see load_denoiser.
     """
-    denoisers = [load_denoiser(path, "cpu", threads)[0] for path in paths]
+    runtimes = runtimes or ["onnxruntime"] * len(paths)
+    denoisers = [load_denoiser(path, "cpu", threads, runtime)[0] for path, runtime in zip(paths, runtimes)]
     inputs = np.load(inputs_path)
     batches = sorted((key[2:] for key in inputs.files if key.startswith("x_")), key=int)
     feeds = {b: tuple(inputs[f"{k}_{b}"] for k in "xtyw" if f"{k}_{b}" in inputs.files) for b in batches}
@@ -456,14 +553,18 @@ def run_files(paths, inputs_path, outputs_folder, repeats=0, threads=None):
                 times[i].append(time.perf_counter() - start)
         for i in range(len(paths)):
             latency[i][b] = float(np.median(times[i]))
+    largest = feeds[batches[-1]]
+    names = ["x", "t", "y", "w"][:len(largest)]
+    kernels = [openvino_kernels(path, dict(zip(names, largest)), threads) if runtime == "openvino" else None
+               for path, runtime in zip(paths, runtimes)]
     unwanted = [name for name in PROJECT_MODULES if name in sys.modules]
     if any(model_format(path) == "onnx" for path in paths) and "torch" in sys.modules:
         unwanted.append("torch")
-    return {"latency_s": latency, "modules": unwanted}
+    return {"latency_s": latency, "kernels": kernels, "cpu": cpu_description(), "modules": unwanted}
 
 
 def main(args):
-    denoise, metadata = load_denoiser(args.model, "cpu" if args.cpu else "cuda", args.threads)
+    denoise, metadata = load_denoiser(args.model, "cpu" if args.cpu else "cuda", args.threads, args.runtime)
     if metadata["latent"] and args.png:
         raise ValueError("--png needs images, but this model denoises VAE latents; decode them first (see --help)")
     if args.class_labels is not None:
@@ -538,8 +639,11 @@ def parse_args(argv=None):
     parser.add_argument("--png", default=None, help="also write a PNG grid of the images (pixel-space models only)")
     parser.add_argument("--cpu", action="store_true", help="keep ONNX files on onnxruntime's CPU provider even "
                         "when its CUDA provider is installed")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                        help="what runs an ONNX file: onnxruntime (default; its CUDA provider when installed) or "
+                             "openvino (its CPU plugin; pip install openvino)")
     parser.add_argument("--threads", type=at_least(int, 1), default=None,
-                        help="CPU threads of torch / onnxruntime (default: one "
+                        help="CPU threads of torch / onnxruntime / OpenVINO (default: one "
                         "per core)")
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
