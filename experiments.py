@@ -193,11 +193,18 @@ def exported_metadata(path):
         return json.load(f)
 
 
+def export_runtime(name):
+    """The runtime of an exported file's row: "... openvino" rows run the ONNX file on OpenVINO, others on
+    onnxruntime (ONNX) or torch (TorchScript)."""
+    return "openvino" if name.endswith(" openvino") else "onnxruntime"
+
+
 def time_exports(exported, repeats=20):
     """{name: {1: ratio, 8: ratio}}: CPU latency of every exported file {name: path} relative to the fp32 file of its
-    model and format ("fewstep onnx int8" -> "fewstep onnx"), at batch 1 and 8. The files of one format (and model
-    config) are timed interleaved in one fresh process (export.run_in_fresh_process, 1 thread)."""
-    from export import run_in_fresh_process, verification_inputs
+    model and format run by its default runtime ("fewstep onnx int8" and "fewstep onnx int8 openvino" -> "fewstep
+    onnx", onnxruntime's fp32), at batch 1 and 8. The files of one format (and model config) are timed interleaved in
+    one fresh process (export.fresh_process_report, 1 thread)."""
+    from export import fresh_process_report, verification_inputs
     groups = {}  # "fewstep onnx int8" -> format "onnx"; one set of inputs fits every file of a group
     for name, path in exported.items():
         metadata = exported_metadata(path)
@@ -208,7 +215,8 @@ def time_exports(exported, repeats=20):
     for metadata, names in groups.values():
         inputs = verification_inputs(metadata["model_config"], (1, 8),
                                      guidance_range=metadata["sampling"]["guidance_range"])
-        measured = run_in_fresh_process([exported[n] for n in names], inputs, repeats=repeats, threads=1)[1]
+        measured = fresh_process_report([exported[n] for n in names], inputs, repeats=repeats, threads=1,
+                                        runtimes=[export_runtime(n) for n in names])[1]["latency_s"]
         latency |= dict(zip(names, measured))
     return {name: {batch: latency[name][batch] / latency[" ".join(name.split()[:2])][batch] for batch in (1, 8)}
             for name in exported}

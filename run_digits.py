@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from checks import non_negative_float, non_negative_int, positive_int, run_script, write_atomically
-from experiments import (STUDENT, TEACHER, TRAINING, digits_labels, exported_metadata, final_checkpoint, run,
-                         time_exports, time_sampling)
+from experiments import (STUDENT, TEACHER, TRAINING, digits_labels, export_runtime, exported_metadata,
+                         final_checkpoint, run, time_exports, time_sampling)
 
 # Step distillation of the distilled student into the shipped few-step model: fine-tuning from its own weights, at half
 # the learning rate; the EMA's time constant (100 steps) also stays well below a progressive round.
@@ -146,8 +146,11 @@ def export_students(args, checkpoints):
             stem = out[: -len(extension)]
             files = {f"{name} {form}": out, f"{name} {form} int8": stem + "_int8" + extension}
             fp16 = ["--fp16"] if form == "onnx" and name != "student" else []
-            if fp16:  # the CPU int8 file is written with every ONNX --int8; scored for the shipped model only
+            if fp16:  # the CPU int8 file is written with every ONNX --int8; scored for the few-step models only
                 files |= {f"{name} onnx int8-cpu": stem + "_int8_cpu.onnx", f"{name} onnx fp16": stem + "_fp16.onnx"}
+            if name == "shipped" and form == "onnx":  # the shipped files on OpenVINO too (the CPU compiler)
+                files |= {f"{key} openvino": files[key] for key in ("shipped onnx", "shipped onnx int8",
+                                                                     "shipped onnx fp16")}
             if not all(os.path.exists(path) for path in files.values()):
                 run("export.py", "--ckpt", checkpoints[name], "--format", form, "--int8", *fp16, "--dynamic-batch",
                     *guidance, "--out", out)
@@ -162,23 +165,26 @@ def score_exports(args, exported):
     scores = {}
     labels = np.asarray(digits_labels(args.num_samples))  # as run_exported.py --num-samples: classes in turn
     for name, path in exported.items():
-        npz = path + ".samples.npz"
+        runtime = export_runtime(name)
+        npz = path + (".openvino" if runtime == "openvino" else "") + ".samples.npz"
         if not os.path.exists(npz):  # the few-step files sample with their own sampler and steps
             # run_exported.py's sampler, called here rather than as a new process per file (each would import
             # diffusers for the solver again); export.py has already run every file in a process of its own
-            denoise, metadata = run_exported.load_denoiser(path, "cpu")
+            denoise, metadata = run_exported.load_denoiser(path, "cpu", runtime=runtime)
             few_step = exported_metadata(path)["sampling"]["sampler"] is not None
             samples = run_exported.sample(denoise, metadata, labels, None if few_step else args.steps, args.seed,
                                           sampler=None if few_step else args.sampler)
             images = run_exported.to_uint8_nhwc(samples)
             write_atomically(npz, lambda temporary: np.savez(temporary, arr_0=images, arr_1=labels))
-            print(f"sampled {len(labels)} images with {os.path.relpath(path, args.out)} -> {npz}", flush=True)
+            print(f"sampled {len(labels)} images with {os.path.relpath(path, args.out)} ({runtime}) -> {npz}",
+                  flush=True)
         with np.load(npz) as samples:
             scores[name] = digits_scores(samples["arr_0"], samples["arr_1"],
                                          cache_dir=os.path.join(args.out, "digits_scorer"))
         scores[name]["megabytes"] = os.path.getsize(path) / 2**20
         # the file's number format (fp32 / int8 / fp16); "precision" is already the sample precision metric
         scores[name]["number_format"] = exported_metadata(path)["precision"]
+        scores[name]["runtime"] = runtime if path.endswith(".onnx") else "torch"
     return scores
 
 
@@ -219,6 +225,12 @@ def save_loss_curves(args):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def describe_cpu_line():
+    """The CPU and the instruction sets that decide its int8 kernels (run_exported.describe_cpu)."""
+    from run_exported import cpu_description, describe_cpu
+    return describe_cpu(cpu_description())
 
 
 def guidance_table(args, scores):
@@ -276,16 +288,20 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "
               f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
               "and numpy noise for every file, so int8 and fp16 are compared with fp32 on equal terms; its noise "
-              "differs from sample.py's, so compare within this table). int8 in ONNX is explicit Q/DQ for TensorRT, "
-              "int8-cpu onnxruntime's dynamic int8 for CPUs, fp16 written into the ONNX for TensorRT. CPU latency "
-              "relative to the fp32 file of the same model and format, the files timed interleaved in one process "
-              "(1 thread; TensorRT on a GPU is another matter):",
-              "", "| file | precision | MB | CPU latency / fp32, batch 1 | batch 8 | class accuracy | "
+              "differs from sample.py's, so compare within this table). int8 in ONNX is explicit Q/DQ for TensorRT and "
+              "OpenVINO (the distilled and few-step students: post-training, the token Linears; the shipped student: "
+              "its learned full INT8, every Linear; 7-bit weights, safe on AVX2-only CPUs), int8-cpu onnxruntime's "
+              "dynamic int8 for CPUs, fp16 written into the ONNX for TensorRT. CPU latency relative to the fp32 file "
+              "of the same model and format run by onnxruntime (TorchScript: by torch), the files timed interleaved "
+              "in one process (1 thread; TensorRT on a GPU is another matter). CPU: "
+              f"{describe_cpu_line()}.",
+              "", "| file | runtime | precision | MB | CPU latency / fp32, batch 1 | batch 8 | class accuracy | "
                   "Frechet distance |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for name, path in exported.items():
         score = export_scores[name]
-        lines.append(f"| {os.path.relpath(path, args.out)} | {score['number_format']} | {score['megabytes']:.2f} | "
+        lines.append(f"| {os.path.relpath(path, args.out)} | {score['runtime']} | {score['number_format']} | "
+                     f"{score['megabytes']:.2f} | "
                      f"{score['latency_vs_fp32'][1]:.2f} | {score['latency_vs_fp32'][8]:.2f} | "
                      f"{score['accuracy']:.3f} | {score['frechet']:.2f} |")
     path = os.path.join(args.out, "report.md")

@@ -54,12 +54,15 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     assert set(scores["exports"]) == {f"{model} {form}" for model in ("student", "fewstep")
                                       for form in ("torchscript", "torchscript int8", "onnx", "onnx int8")} | {
         f"{model} onnx {form}" for model in ("fewstep", "shipped") for form in ("int8-cpu", "fp16")} | {
-        "shipped onnx", "shipped onnx int8"}
+        "shipped onnx", "shipped onnx int8"} | {
+        f"shipped onnx{form} openvino" for form in ("", " int8", " fp16")}
+    assert "| export/shipped_int8.onnx | openvino | int8 |" in report
     assert json.loads((out / "export" / "shipped_int8.onnx.json").read_text())["quantization"].startswith(
         "learned Q/DQ on every Linear")
-    assert "| export/fewstep_fp16.onnx | fp16 |" in report and "| export/fewstep_int8.onnx | int8 |" in report
+    assert "| export/fewstep_fp16.onnx | onnxruntime | fp16 |" in report
+    assert "| export/fewstep_int8.onnx | onnxruntime | int8 |" in report
     fp32_row = next(line for line in report.splitlines() if line.startswith("| export/fewstep.onnx |"))
-    assert fp32_row.split(" | ")[3:5] == ["1.00", "1.00"]  # CPU latency relative to itself, batch 1 and 8
+    assert fp32_row.split(" | ")[4:6] == ["1.00", "1.00"]  # CPU latency relative to itself, batch 1 and 8
     assert set(scores["exports"]["fewstep onnx int8"]["latency_vs_fp32"]) == {"1", "8"}
     for model in ("student", "fewstep"):
         for name in (".ts", "_int8.ts", ".onnx", "_int8.onnx"):
