@@ -31,8 +31,9 @@ from models import DiT_models, load_dit_checkpoint
 DIGITS_CONFIG = dict(input_size=8, in_channels=1, num_classes=10)  # the embedded default's student
 DIT_S2_IMAGE_SIZE = 256
 # (runtime, precision of the ONNX file) rows of the runtime table, after torch eager fp32
-RUNTIME_ROWS = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "int8-cpu"),
-                ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8")]
+RUNTIME_ROWS = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "int8-full"),
+                ("onnxruntime", "int8-cpu"), ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8"),
+                ("openvino", "int8-full")]
 BATCH_SIZES = export.VERIFY_BATCH_SIZES  # 1 and 8
 
 
@@ -65,12 +66,32 @@ def random_dit_s2_state_dict(folder):
     return path
 
 
+def full_int8_file(args, model, data, path):
+    """The full-INT8 Q/DQ file (every Linear, as export.py writes a quantization-aware checkpoint) of model, with the
+    scales quantization-aware distillation starts from (MinMax on export.py's calibration set, 64 rows): its size and
+    speed are the trained file's; its error is before any training (the shipped digits student's, trained, is in the
+    main job's report)."""
+    from models import DiT
+    from quantization import calibrate
+    student = DiT(**dict(model.config, weight_bits=7))
+    student.load_state_dict({**student.state_dict(), **model.state_dict()})
+    rows = export.calibration_set(model.config, data, 64, export.CALIB_DDIM_STEPS)
+    batches = [tuple(torch.from_numpy(rows[k][i:i + 16]) for k in "xty") for i in range(0, 64, 16)]
+    calibrate(student, lambda m, batch: m(*batch), batches)
+    example = tuple(torch.from_numpy(rows[k][:2]) for k in "xty")
+    metadata = export.export_metadata(student, data, argparse.Namespace(**dict(vars(args), int8_scales="learned")),
+                                      "int8")
+    export.write_learned_qdq(student.eval(), None, example, path, metadata, dynamic=True)
+    return path
+
+
 def runtime_comparison(name, export_argv, onnx_files, repeats, threads=None):
     """Rows of the runtime table for one model: torch eager fp32 and RUNTIME_ROWS ({precision: path} of its ONNX
     files), timed interleaved in this process (median of repeats per batch size after warm-up runs), each with its
     relative error against eager on verification inputs. OpenVINO rows only where it is installed."""
     args = export.parse_args(export_argv)
-    model, _ = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    model, data = load_dit_checkpoint(args.ckpt, args.model, args.image_size, args.num_classes)
+    onnx_files["int8-full"] = full_int8_file(args, model, data, onnx_files["fp32"][:-len(".onnx")] + "_full_int8.onnx")
     eager = export.Denoiser(model).eval()
     if threads:
         torch.set_num_threads(threads)
@@ -89,7 +110,9 @@ def runtime_comparison(name, export_argv, onnx_files, repeats, threads=None):
     inputs = export.verification_inputs(model.config, BATCH_SIZES)
     feeds = {b: tuple(inputs[f"{k}_{b}"] for k in "xty") for b in BATCH_SIZES}
     reference = {b: run_eager(*feeds[b]) for b in BATCH_SIZES}
+    sizes = {precision: export.file_size(path) for precision, path in onnx_files.items()}
     rows = [{"model": name, "runtime": runtime, "file": file, "precision": precision,
+             "fp32_size_ratio": sizes["fp32"] / sizes[precision] if precision in sizes else 1.0,
              "relative_error": export.compare({b: run(*feeds[b]) for b in BATCH_SIZES}, reference)[1],
              "latency_s": {}} for runtime, precision, file, run in runs]
     for b in BATCH_SIZES:
@@ -135,7 +158,7 @@ def weight_bits_errors(onnx_files, feeds, reference, threads=None):
 
 def runtime_table(rows):
     """Markdown: one row per model and runtime; latency against onnxruntime fp32 and torch eager fp32 of its model."""
-    header = ["model", "runtime", "file", "precision", "rel err vs eager"]
+    header = ["model", "runtime", "file", "precision", "fp32 size / size", "rel err vs eager"]
     for b in BATCH_SIZES:
         header += [f"ms, batch {b}", f"/ onnxruntime fp32, batch {b}", f"/ torch eager, batch {b}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -143,7 +166,8 @@ def runtime_table(rows):
         same = [r for r in rows if r["model"] == row["model"]]
         onnxruntime = next(r for r in same if (r["runtime"], r["precision"]) == ("onnxruntime", "fp32"))
         eager = next(r for r in same if r["runtime"] == "torch eager")
-        cells = [row["model"], row["runtime"], row["file"], row["precision"], f"{row['relative_error']:.2e}"]
+        cells = [row["model"], row["runtime"], row["file"], row["precision"], f"{row['fp32_size_ratio']:.2f}x",
+                 f"{row['relative_error']:.2e}"]
         for b in BATCH_SIZES:
             latency = row["latency_s"][b]
             cells += [f"{1e3 * latency:.1f}", f"{latency / onnxruntime['latency_s'][b]:.2f}",
