@@ -6,6 +6,8 @@ checkpoint keeps of how it samples.
 - The DiT's output: classifier_free_guidance (written once: models.py's forward_with_cfg, model_output and
   export.py's Denoiser call it), model_output, predict_x0_eps / denoise (the eps and x-eps parametrisations), the
   consistency function with LCM's boundary scalings and TCD's trajectory consistency function built on it.
+- Rectified flow's straight path x_s = s x + (1 - s) z in DiT's schedule: flow_timestep (the time map), velocity (any
+  DiT as a velocity model, v = x_0 - eps) and the flow-euler sampler of reflow and InstaFlow students.
 - SamplingSpec: the checkpoint's "sampling" entry as a frozen record, read by SamplingSpec.from_checkpoint_entry
   alone and written back as the same plain dict by to_dict (old checkpoints load, old tools read new ones).
 - SAMPLERS: every sampler once, name -> Sampler (the function, what it needs, the step counts it takes, and the
@@ -281,8 +283,9 @@ class SamplingSpec:
     """A checkpoint's "sampling" entry (and an exported file's metadata["sampling"]). The defaults are what every
     DiT trained on the diffusion loss says, the official ones included; step-distilled checkpoints carry their own.
 
-    method: the method that made it (plain, size-distillation, progressive, consistency, guidance);
-    parametrisation: eps or x-eps; sampler: the sampler it was distilled for (None: any eps sampler); steps: the step
+    method: the method that made it (plain, size-distillation, progressive, consistency, tcd, guidance, dmd2,
+    adversarial, reflow, instaflow); parametrisation: eps or x-eps (a reflow or InstaFlow student's velocity is x_0 -
+    eps of that output); sampler: the sampler it was distilled for (None: any eps sampler); steps: the step
     counts it samples in (None: any); default_steps; guidance_range: (low, high) of its w input (None: no w);
     consistency_skip: the consistency grid's stride (consistency and TCD); gamma: TCD's default stochasticity (TCD
     students only: the key is absent from every other entry, so old entries read and write back unchanged).
