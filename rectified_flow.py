@@ -70,7 +70,8 @@ def straightness(model, parametrisation, noise, y, num_steps=100, clip=False):
     x, total, squares = noise, torch.zeros_like(noise), torch.zeros(len(noise), device=noise.device)
     grid = flow_grid(num_steps)
     for s, s_next in zip(grid[:-1], grid[1:]):
-        v = velocity(model, parametrisation, x, torch.full((len(x),), s, device=x.device), y, clip=clip)
+        v = velocity(model, parametrisation, x, torch.full((len(x),), s, dtype=torch.float64, device=x.device), y,
+                     clip=clip)
         total, squares = total + v, squares + mean_flat(v ** 2)
         x = x + (s_next - s) * v
     return float((squares / num_steps - mean_flat((total / num_steps) ** 2)).mean())

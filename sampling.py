@@ -462,8 +462,8 @@ def flow_euler_sample(model, parametrisation, noise, y, num_steps, w=None, clip=
     grid = flow_grid(num_steps) if grid is None else grid
     x = noise
     for s, s_next in zip(grid[:-1], grid[1:]):
-        v = velocity(model, parametrisation, x, torch.full((len(x),), s, device=x.device), y, w, clip=clip,
-                     temperature=temperature)
+        times = torch.full((len(x),), s, dtype=torch.float64, device=x.device)  # float64, as the numpy copy
+        v = velocity(model, parametrisation, x, times, y, w, clip=clip, temperature=temperature)
         x = x + (s_next - s) * v
     return x
 
