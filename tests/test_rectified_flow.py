@@ -1,6 +1,7 @@
 """Rectified flow: the straight path against DDIM, the pair writer's folder, reflow and InstaFlow end to end."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -240,6 +241,11 @@ def test_rectified_flow_bad_inputs_fail_clearly(teachers, pairs, reflowed, tmp_p
         (reflow_args("instaflow", teachers[0], pairs, tmp_path / "d"),
          "--step-distillation instaflow distils a velocity model"),
     ]
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(pairs, unfinished)
+    os.remove(unfinished / "pairs_00002.npz")
+    cases.append((reflow_args("reflow", teachers[0], unfinished, tmp_path / "e"),
+                  "unfinished, 1 of 4 chunks missing - rerun its reflow_pairs.py command"))
     for argv, message in cases:
         result = run_script("train.py", *argv, check=False)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, \
