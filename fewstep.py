@@ -138,8 +138,9 @@ def rectified_flow_runs(args):
         results_dir = os.path.join(args.out, family)
         if not os.path.exists(final_checkpoint(results_dir, steps)):
             extra = ["--sampling-steps", 4] if family == "reflow" else []
+            ema_decay = args.ema_decay if family == "reflow" else args.instaflow_ema_decay
             run("train.py", "--step-distillation", family, "--reflow-pairs", pairs, "--max-steps", steps,
-                "--ema-decay", args.ema_decay, "--ckpt-every", steps, "--results-dir", results_dir, *extra,
+                "--ema-decay", ema_decay, "--ckpt-every", steps, "--results-dir", results_dir, *extra,
                 *common_flags(args)[2:], "--teacher-ckpt", teacher, "--lr", args.lr)
         runs[family] = (final_checkpoint(results_dir, steps), steps, pairs)
         teacher = runs[family][0]  # InstaFlow distils the reflowed model
@@ -361,6 +362,10 @@ def parse_args(argv=None):
     flow.add_argument("--instaflow-pair-steps", type=positive_int, default=8,
                       help="Euler steps of the reflowed model for them")
     flow.add_argument("--instaflow-steps", type=positive_int, default=500, help="InstaFlow training steps")
+    flow.add_argument("--instaflow-ema-decay", type=probability, default=0.98,
+                      help="EMA decay of the InstaFlow student: its x~ channels start at zero (x = 0 at s = 0), so "
+                           "an EMA of time constant 200 steps (0.995) still holds that start after a short run "
+                           "(measured: Frechet 558 with it, 22 without it at 300 steps)")
     flow.add_argument("--straightness-steps", type=positive_int, default=100, help="Euler steps of the straightness")
     parser.add_argument("--num-samples", type=int, default=500, help="samples scored per row")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
