@@ -13,6 +13,7 @@
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import math
 import os
 import pickle
@@ -150,6 +151,16 @@ def write_atomically(path, write):
             os.remove(temporary)
         raise
     fsync_folder(folder)
+
+
+def file_sha256(path):
+    """The hex sha256 of a file's contents (what identifies a checkpoint in sample_ddp.py's and reflow_pairs.py's
+    folders), read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_temporaries(folder):

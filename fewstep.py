@@ -11,7 +11,13 @@ recall), and times it against the teacher's DDIM 50 in the same run. Rows:
 - the teacher at DDIM 50 (the reference) and at 1 / 2 / 4 / 8 DDIM steps on the trailing grid (training-free);
 - the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4;
 - guidance: the teacher with classifier-free guidance (two forwards per step) against the guidance-distilled
-  student (one forward, w as its input) at the same scales and steps.
+  student (one forward, w as its input) at the same scales and steps;
+- tcd (OUT/tcd): the TCD student at 1 / 2 / 4 / 8 steps at each --tcd-gammas;
+- reflow (OUT/reflow): reflow_pairs.py writes --reflow-pairs teacher ODE pairs (OUT/pairs/teacher), the reflow
+  student trains on them and samples with Euler at 1 / 2 / 4 / 8 steps, beside the teacher's own ODE as a velocity
+  model at the same Euler steps; instaflow (OUT/instaflow): pairs of the reflowed model's Euler
+  (OUT/pairs/reflow), distilled to one step; the straightness of the teacher's ODE and of the reflowed model, and
+  the pairs' cost;
 and the cost of a training step of consistency, DMD2 and adversarial distillation, measured side by side
 (experiments.training_costs). --methods picks the families to train and score. Writes fewstep.md and fewstep.json
 into --out.
@@ -28,7 +34,7 @@ from experiments import digits_labels, evaluate_rows, final_checkpoint, run, tra
 STEP_COUNTS = (1, 2, 4, 8)
 ONE_STEP_COUNTS = (1, 2, 4)  # a DMD2 / adversarial student of the 4-point grid samples in 1, 2 or 4 steps
 REFERENCE_STEPS = 50
-METHOD_FAMILIES = ("progressive", "consistency", "guidance", "dmd2", "adversarial")
+METHOD_FAMILIES = ("progressive", "consistency", "guidance", "dmd2", "adversarial", "tcd", "reflow", "instaflow")
 
 
 def common_flags(args):
@@ -105,6 +111,72 @@ def one_step_runs(args):
             for label, (_, folder, steps, _) in runs.items()}
 
 
+def tcd_run(args):
+    """The TCD student (OUT/tcd): consistency's flags and grid, trained --tcd-steps steps."""
+    results_dir = os.path.join(args.out, "tcd")
+    if not os.path.exists(final_checkpoint(results_dir, args.tcd_steps)):
+        run("train.py", "--step-distillation", "tcd", "--sampling-steps", 4, "--max-steps", args.tcd_steps,
+            "--ema-decay", args.ema_decay, "--ckpt-every", args.tcd_steps, "--results-dir", results_dir,
+            *common_flags(args), "--lr", args.lr)
+    return final_checkpoint(results_dir, args.tcd_steps)
+
+
+def rectified_flow_runs(args):
+    """Reflow (OUT/reflow) on the teacher's ODE pairs (OUT/pairs/teacher), then InstaFlow (OUT/instaflow) on the
+    reflowed model's own pairs (OUT/pairs/reflow, its Euler at --instaflow-pair-steps); reflow_pairs.py skips
+    finished chunks. Returns {family: (checkpoint, training steps, pair folder)}."""
+    runs, teacher = {}, args.teacher_ckpt
+    families = [("reflow", args.reflow_steps, args.reflow_pairs, ["--sampler", args.reflow_pair_sampler,
+                                                                  "--num-sampling-steps", args.reflow_pair_steps])]
+    if "instaflow" in args.methods:
+        families.append(("instaflow", args.instaflow_steps, args.instaflow_pairs,
+                         ["--num-sampling-steps", args.instaflow_pair_steps]))
+    for family, steps, num_pairs, sampler_flags in families:
+        pairs = os.path.join(args.out, "pairs", "teacher" if family == "reflow" else "reflow")
+        run("reflow_pairs.py", "--ckpt", teacher, "--out", pairs, "--num-pairs", num_pairs, "--chunk-size", 500,
+            "--seed", args.seed, *sampler_flags)
+        results_dir = os.path.join(args.out, family)
+        if not os.path.exists(final_checkpoint(results_dir, steps)):
+            extra = ["--sampling-steps", 4] if family == "reflow" else []
+            ema_decay = args.ema_decay if family == "reflow" else args.instaflow_ema_decay
+            run("train.py", "--step-distillation", family, "--reflow-pairs", pairs, "--max-steps", steps,
+                "--ema-decay", ema_decay, "--ckpt-every", steps, "--results-dir", results_dir, *extra,
+                *common_flags(args)[2:], "--teacher-ckpt", teacher, "--lr", args.lr)
+        runs[family] = (final_checkpoint(results_dir, steps), steps, pairs)
+        teacher = runs[family][0]  # InstaFlow distils the reflowed model
+    return runs
+
+
+def rectified_flow_tables(args, teacher, runs):
+    """Straightness (Liu et al. 2022, Def. 2.2) of the teacher's ODE (the teacher as a velocity model) and of the
+    reflowed model, on the rows' labels and initial noise; and what the pairs cost."""
+    import torch
+    from models import load_dit_checkpoint
+    from rectified_flow import pair_cost, straightness
+    from sampling import SamplingSpec
+    labels = torch.tensor(digits_labels(args.num_samples))
+    noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
+    models = {"teacher (its ODE as a velocity model)": (teacher, "eps")}
+    if "reflow" in runs:
+        model, data = load_dit_checkpoint(runs["reflow"][0])
+        models[f"reflow student ({runs['reflow'][1]} steps)"] = (model, SamplingSpec.from_checkpoint_entry(
+            data["sampling"]).parametrisation)
+    report = {name: straightness(model, parametrisation, noise, labels, args.straightness_steps, clip=True)
+              for name, (model, parametrisation) in models.items()}
+    lines = ["| model | straightness (mean squared deviation of v from x - z, per value) |", "|---|---:|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in report.items()]
+    cost_lines = ["| pairs | made by | count | forwards per pair | ms per pair (one CPU process) |",
+                  "|---|---|---:|---:|---:|"]
+    costs = {}
+    for family, (_, _, pairs) in runs.items():
+        cost = costs[family] = pair_cost(pairs)
+        made_by = (f"teacher, {args.reflow_pair_sampler} {args.reflow_pair_steps} steps" if family == "reflow" else
+                   f"reflow student, flow-euler {args.instaflow_pair_steps} steps")
+        cost_lines.append(f"| {family} | {made_by} | {cost['pairs']} | {cost['forwards_per_pair']} | "
+                          f"{1000 * cost['seconds_per_pair']:.1f} |")
+    return "\n".join(lines), "\n".join(cost_lines), {"straightness": report, "pairs": costs}
+
+
 def cost_table(args, teacher_data):
     """Time, forwards and memory of one training step of consistency, DMD2 and adversarial, side by side."""
     data = dict(teacher_data, in_channels=1, input_size=teacher_data["image_size"], num_classes=10)
@@ -165,7 +237,22 @@ def main(args):
         students["consistency student"] = (consistency_ckpt, STEP_COUNTS, str(args.steps))
     for label, (ckpt, steps) in one_step.items():
         students[label] = (ckpt, ONE_STEP_COUNTS, str(steps))
-    training = {}
+    if "tcd" in args.methods:
+        tcd_model, tcd_data = load_dit_checkpoint(tcd_run(args))
+        for gamma in args.tcd_gammas:
+            for steps in STEP_COUNTS:
+                rows[f"tcd student gamma={gamma:g} {steps}"] = (tcd_model, tcd_data, dict(
+                    sampler=None, num_sampling_steps=steps, gamma=gamma, **unguided))
+    flow_runs = rectified_flow_runs(args) if {"reflow", "instaflow"} & set(args.methods) else {}
+    if flow_runs:
+        for steps in STEP_COUNTS:
+            rows[f"teacher flow-euler (its ODE as a velocity model) {steps}"] = (
+                teacher, teacher_data, dict(sampler="flow-euler", num_sampling_steps=steps, **unguided))
+        students["reflow student (Euler)"] = (flow_runs["reflow"][0], STEP_COUNTS, str(flow_runs["reflow"][1]))
+    if "instaflow" in flow_runs:
+        students["instaflow student"] = (flow_runs["instaflow"][0], (1,), str(flow_runs["instaflow"][1]))
+    training = {f"tcd student gamma={gamma:g} {steps}": str(args.tcd_steps) for gamma in args.tcd_gammas
+                for steps in STEP_COUNTS} if "tcd" in args.methods else {}
     for label, (ckpt, step_counts, trained) in students.items():
         model, data = load_dit_checkpoint(ckpt)
         for steps in step_counts:
@@ -178,6 +265,11 @@ def main(args):
             f"relative to the teacher's DDIM {REFERENCE_STEPS}, median of 3 interleaved rounds on a batch of "
             f"{args.timing_samples}. Few-step rows are unguided.\n\n{table(results, reference, training)}\n")
     report = {"rows": results}
+    if flow_runs:
+        straight_lines, cost_lines, report["rectified_flow"] = rectified_flow_tables(args, teacher, flow_runs)
+        text += (f"\nStraightness along each model's own ODE (Euler, {args.straightness_steps} steps, the rows' "
+                 f"{args.num_samples} initial noises; 0 is straight):\n\n{straight_lines}\n\nThe ODE pairs "
+                 f"(reflow_pairs.py):\n\n{cost_lines}\n")
     if "guidance" in args.methods:
         guided_lines, report["guidance"] = guidance_table(args, teacher, teacher_data, guidance_ckpt)
         text += (f"\nGuidance (DDIM {REFERENCE_STEPS}; the guidance-distilled student trained {args.guidance_steps} "
@@ -257,6 +349,24 @@ def parse_args(argv=None):
                      help="adversarial distillation steps (each updates the student: 5x DMD2's 1,000 iterations' "
                           "200 generator updates)")
     one.add_argument("--adversarial-lr", type=positive_float, default=2e-4, help="its learning rate")
+    flow = parser.add_argument_group("tcd and rectified flow")
+    flow.add_argument("--tcd-steps", type=positive_int, default=1000, help="TCD training steps")
+    flow.add_argument("--tcd-gammas", type=probability, nargs="+", default=[0.0, 0.3, 0.5],
+                      help="TCD sampling stochasticities scored (0.3: its default)")
+    flow.add_argument("--reflow-pairs", type=positive_int, default=5000, help="teacher ODE pairs of reflow")
+    flow.add_argument("--reflow-pair-sampler", default="dpm++2m", help="the teacher's ODE solver for them")
+    flow.add_argument("--reflow-pair-steps", type=positive_int, default=20,
+                      help="its steps (dpm++2m 20 reaches DDIM 50 on digits: README's samplers table)")
+    flow.add_argument("--reflow-steps", type=positive_int, default=1000, help="reflow training steps")
+    flow.add_argument("--instaflow-pairs", type=positive_int, default=2000, help="pairs of the reflowed model")
+    flow.add_argument("--instaflow-pair-steps", type=positive_int, default=8,
+                      help="Euler steps of the reflowed model for them")
+    flow.add_argument("--instaflow-steps", type=positive_int, default=500, help="InstaFlow training steps")
+    flow.add_argument("--instaflow-ema-decay", type=probability, default=0.98,
+                      help="EMA decay of the InstaFlow student: its x~ channels start at zero (x = 0 at s = 0), so "
+                           "an EMA of time constant 200 steps (0.995) still holds that start after a short run "
+                           "(measured: Frechet 558 with it, 22 without it at 300 steps)")
+    flow.add_argument("--straightness-steps", type=positive_int, default=100, help="Euler steps of the straightness")
     parser.add_argument("--num-samples", type=int, default=500, help="samples scored per row")
     parser.add_argument("--timing-samples", type=int, default=100, help="batch timed for the sampling-time ratio")
     args = parser.parse_args(argv)

@@ -8,10 +8,10 @@ Standalone on purpose: copy this file and a file written by export.py to the tar
 it imports no project module. It reads the metadata export.py embeds in the file (image size, channels, classes,
 learned sigma, folded guidance, pixel or latent, how the model samples), builds DiT's linear beta schedule and runs
 in numpy the sampler the model was made for: deterministic DDIM (eta = 0) as sample.py --sampler ddim does, or a
-step-distilled student's own (ddim-trailing, consistency, tcd) in its few steps, with the guidance scale as an input
-for a guidance-distilled model. Pixel-space models write an ADM-layout .npz: arr_0 uint8
-(N, H, W, C) images, arr_1 int64 labels. Latent models write the raw latents instead (arr_0 float32 (N, C, h, w),
-in the scaled latent space): decoding them needs the Stable Diffusion VAE, which this runner does not carry, e.g.
+step-distilled student's own (ddim-trailing, consistency, tcd, flow-euler) in its few steps, with the guidance scale
+as an input for a guidance-distilled model. Pixel-space models write an ADM-layout .npz: arr_0 uint8 (N, H, W, C)
+images, arr_1 int64 labels. Latent models write the raw latents instead (arr_0 float32 (N, C, h, w), in the scaled
+latent space): decoding them needs the Stable Diffusion VAE, which this runner does not carry, e.g.
 diffusers' AutoencoderKL.decode(latents / latent_scale) on a machine that has it.
 TorchScript and ExportedProgram files run on the CPU (the trace records the CPU as the device of the tensors it
 creates); ONNX files run on onnxruntime's CUDA provider when it is installed, else on the CPU, or with --runtime
@@ -349,10 +349,29 @@ def few_step_sample(denoise, noise, step_noise, labels, metadata, num_steps, w=N
                 keep = np.sqrt(alpha_bar[t_next + 1] / alpha_bar[s + 1])
                 x = keep * x + np.sqrt(max(1 - keep ** 2, 0.0)) * step_noise[i]
         return x.astype(np.float32)
+    if sampling["sampler"] == "flow-euler":
+        return flow_euler_sample(denoise, x, y, alpha_bar, sampling["parametrisation"], clip, num_steps, extra)
     grid = trailing_timesteps(num_steps) + [-1]
     for t, s in zip(grid[:-1], grid[1:]):
         x0, eps, _, _ = predict(x, t)
         x = np.sqrt(alpha_bar[s + 1]) * x0 + np.sqrt(1 - alpha_bar[s + 1]) * eps
+    return x.astype(np.float32)
+
+
+def flow_euler_sample(denoise, x, y, alpha_bar, parametrisation, clip, num_steps, extra=()):
+    """sampling.flow_euler_sample: Euler on rectified flow's straight path x_s = s x + (1 - s) z, s = i / N, with the
+    velocity x_0 - eps of the DiT at the VP point x_t = x_s / r, r = sqrt(s^2 + (1 - s)^2), alpha = s / r, sigma =
+    (1 - s) / r, t(s) linear between DiT's timesteps; s clamped to DiT's range [s(999), s(0)]."""
+    flow_s = np.sqrt(alpha_bar) / (np.sqrt(alpha_bar) + np.sqrt(1 - alpha_bar))  # t = -1 .. 999, decreasing
+    timesteps = np.arange(-1, len(alpha_bar) - 1, dtype=np.float64)
+    for i in range(num_steps):
+        s = min(max(i / num_steps, flow_s[-1]), flow_s[1])
+        t = np.interp(s, flow_s[::-1], timesteps[::-1])
+        r = np.sqrt(s ** 2 + (1 - s) ** 2)
+        x_t = x / r
+        output = denoise(x_t.astype(np.float32), np.full(len(x), t, dtype=np.float32), y, *extra)
+        x0, eps = x0_and_eps(output, x_t, s / r, (1 - s) / r, parametrisation, clip)
+        x = x + ((i + 1) / num_steps - i / num_steps) * (x0 - eps)
     return x.astype(np.float32)
 
 

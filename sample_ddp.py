@@ -15,7 +15,6 @@ Rerunning the same command skips finished chunks (and samples again those that d
 job that stops loses only the chunks in flight. One run at a time per --sample-dir (a lock, held by rank 0).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -27,8 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from checks import (UserError, check_output_path, lock_folder, non_negative_float, non_negative_int, positive_float,
-                    positive_int, read_file, remove_temporaries, run_script, write_atomically)
+from checks import (UserError, check_output_path, file_sha256, lock_folder, non_negative_float, non_negative_int,
+                    positive_float, positive_int, read_file, remove_temporaries, run_script, write_atomically)
 from distributed import cleanup, setup_distributed
 from method import derived_seed
 from models import load_dit_checkpoint
@@ -48,14 +47,6 @@ def chunk_path(sample_dir, chunk):
 def chunk_indices(chunk, chunk_size, num_samples):
     """The sample indices of one chunk: chunk_size consecutive ones (fewer in the last chunk)."""
     return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 #################################################################################

@@ -6,6 +6,8 @@ checkpoint keeps of how it samples.
 - The DiT's output: classifier_free_guidance (written once: models.py's forward_with_cfg, model_output and
   export.py's Denoiser call it), model_output, predict_x0_eps / denoise (the eps and x-eps parametrisations), the
   consistency function with LCM's boundary scalings and TCD's trajectory consistency function built on it.
+- Rectified flow's straight path x_s = s x + (1 - s) z in DiT's schedule: flow_timestep (the time map), velocity (any
+  DiT as a velocity model, v = x_0 - eps) and the flow-euler sampler of reflow and InstaFlow students.
 - SamplingSpec: the checkpoint's "sampling" entry as a frozen record, read by SamplingSpec.from_checkpoint_entry
   alone and written back as the same plain dict by to_dict (old checkpoints load, old tools read new ones).
 - SAMPLERS: every sampler once, name -> Sampler (the function, what it needs, the step counts it takes, and the
@@ -140,8 +142,12 @@ def model_output(model, x_t, t, y, w=None, drop=None, temperature=1.0):
 
 def predict_x0_eps(output, x_t, t, parametrisation, clip=False):
     """(x_0, eps) from a DiT output. clip: clamp x_0 to [-1, 1] (pixels) and re-derive eps from it, as DDIM does."""
+    return x0_eps_at(output, x_t, *alpha_sigma(t), parametrisation, clip)
+
+
+def x0_eps_at(output, x_t, alpha, sigma, parametrisation, clip=False):
+    """predict_x0_eps at given alpha, sigma (N, 1, 1, 1) (a straight-path point's, between DiT's timesteps)."""
     C = x_t.shape[1]
-    alpha, sigma = alpha_sigma(t)
     output = output.float()
     if parametrisation == "eps":
         eps = output[:, :C]
@@ -219,6 +225,56 @@ def tcd_step(x_t, t, f, t_next, gamma, noise=None):
 
 
 #################################################################################
+#         Rectified flow's straight path in DiT's schedule: the velocity         #
+#################################################################################
+# The straight path of rectified flow (Liu et al. 2022, Eq. 1): x_s = s x + (1 - s) z from the noise z (s = 0) to the
+# data x (s = 1), velocity v = dx_s / ds = x - z. DiT's VP point x_t = alpha_t x + sigma_t z is the same point scaled:
+# x_s = x_t / (alpha_t + sigma_t) at s = alpha_t / (alpha_t + sigma_t). Given s, alpha = s / r and sigma = (1 - s) / r
+# with r = sqrt(s^2 + (1 - s)^2) (so alpha^2 + sigma^2 = 1), x_t = x_s / r, and t(s) is the DiT timestep of that
+# alpha (linear between DiT's integer timesteps, exact on them). Any DiT is thus a velocity model: its (x_0, eps) at
+# (x_t, t(s)) give v = x_0 - eps, and one Euler step s -> s' is x_s + (s' - s)(x_0 - eps) = s' x_0 + (1 - s') eps,
+# DDIM's step in the straight path's scale: Euler on the grid s(t_i) of DDIM's timesteps is DDIM, exactly.
+# DiT's schedule covers s in [s(999), s(0)] = [0.0064, 0.990]; outside it the model is called at its end timestep
+# (as every DiT sampler starts from x_999 = z, treating s(999) as 0).
+
+# s(t) = alpha / (alpha + sigma) at t = -1 .. 999 (index t + 1), decreasing from 1
+_FLOW_S = _ALPHA_BAR_WITH_CLEAN.sqrt() / (_ALPHA_BAR_WITH_CLEAN.sqrt() + (1 - _ALPHA_BAR_WITH_CLEAN).sqrt())
+FLOW_S_RANGE = (float(_FLOW_S[-1]), float(_FLOW_S[1]))  # s(999), s(0)
+
+
+def flow_timestep(s):
+    """The DiT timestep t(s) (float64 (N,), in [0, 999]) whose alpha / (alpha + sigma) is s, linear between integers."""
+    s_up, t_down = _FLOW_S.flip(0).to(s.device), torch.arange(DIFFUSION_STEPS - 1, -2, -1, dtype=torch.float64,
+                                                                 device=s.device)  # s ascending, t from 999 to -1
+    s = s.double().clamp(*FLOW_S_RANGE)
+    i = torch.searchsorted(s_up, s).clamp(1, len(s_up) - 1)
+    weight = (s - s_up[i - 1]) / (s_up[i] - s_up[i - 1])
+    return t_down[i - 1] + weight * (t_down[i] - t_down[i - 1])
+
+
+def velocity(model, parametrisation, x_s, s, y, w=None, drop=None, clip=False, temperature=1.0):
+    """v(x_s, s) = x_0 - eps of a DiT at the VP point of straight-path point x_s (N, C, H, W), s (N,) in [0, 1]."""
+    s = s.double().clamp(*FLOW_S_RANGE).view(-1, 1, 1, 1)
+    r = (s ** 2 + (1 - s) ** 2).sqrt()
+    alpha, sigma = (s / r).float(), ((1 - s) / r).float()
+    x_t = x_s / r.float()  # (N, C, H, W) in DiT's scale
+    t = flow_timestep(s.flatten()).float()
+    output = model_output(model, x_t, t, y, w, drop, temperature)
+    x0, eps = x0_eps_at(output, x_t, alpha, sigma, parametrisation, clip)
+    return x0 - eps
+
+
+def flow_grid(num_steps):
+    """Euler's uniform grid on the straight path, noise to data: s_i = i / N, i = 0 .. N."""
+    return [i / num_steps for i in range(num_steps + 1)]
+
+
+def flow_timesteps(num_steps):
+    """The DiT timesteps flow-euler calls the model at (floats: t(s_i) for its first N grid points)."""
+    return flow_timestep(torch.tensor(flow_grid(num_steps)[:-1], dtype=torch.float64)).float().tolist()
+
+
+#################################################################################
 #               How a checkpoint samples: its "sampling" entry                  #
 #################################################################################
 
@@ -227,8 +283,9 @@ class SamplingSpec:
     """A checkpoint's "sampling" entry (and an exported file's metadata["sampling"]). The defaults are what every
     DiT trained on the diffusion loss says, the official ones included; step-distilled checkpoints carry their own.
 
-    method: the method that made it (plain, size-distillation, progressive, consistency, guidance);
-    parametrisation: eps or x-eps; sampler: the sampler it was distilled for (None: any eps sampler); steps: the step
+    method: the method that made it (plain, size-distillation, progressive, consistency, tcd, guidance, dmd2,
+    adversarial, reflow, instaflow); parametrisation: eps or x-eps (a reflow or InstaFlow student's velocity is x_0 -
+    eps of that output); sampler: the sampler it was distilled for (None: any eps sampler); steps: the step
     counts it samples in (None: any); default_steps; guidance_range: (low, high) of its w input (None: no w);
     consistency_skip: the consistency grid's stride (consistency and TCD); gamma: TCD's default stochasticity (TCD
     students only: the key is absent from every other entry, so old entries read and write back unchanged).
@@ -398,6 +455,24 @@ def tcd(model, spec, noise, labels, num_steps, cfg_scale, temperature, eta, clip
                       guidance_scales(model, cfg_scale, noise), clip)
 
 
+# Rectified flow's sampler (Liu et al. 2022, Sec. 2.1: the ODE dx_s / ds = v(x_s, s) by Euler): N uniform steps from
+# x_0 = noise (s = 0) to s = 1 on the straight path (above). grid: the s values to step on (default flow_grid(N)).
+@torch.no_grad()
+def flow_euler_sample(model, parametrisation, noise, y, num_steps, w=None, clip=False, temperature=1.0, grid=None):
+    grid = flow_grid(num_steps) if grid is None else grid
+    x = noise
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        times = torch.full((len(x),), s, dtype=torch.float64, device=x.device)  # float64, as the numpy copy
+        v = velocity(model, parametrisation, x, times, y, w, clip=clip, temperature=temperature)
+        x = x + (s_next - s) * v
+    return x
+
+
+def flow_euler(model, spec, noise, labels, num_steps, cfg_scale, temperature, eta, clip, step_noise, progress):
+    w = guidance_scales(model, cfg_scale, noise)
+    return flow_euler_sample(model, spec.parametrisation, noise, labels, num_steps, w, clip, temperature)
+
+
 # DiT's training schedule in diffusers' terms (diffusion.get_named_beta_schedule("linear", 1000)).
 DIT_SCHEDULE = dict(num_train_timesteps=DIFFUSION_STEPS, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 # diffusers' solvers, on the trailing grid (999 first, as ddim-trailing): name -> (scheduler class, its options).
@@ -471,6 +546,8 @@ SAMPLERS = {
     "tcd": Sampler(tcd, lambda num_steps, spec: trailing_timesteps(num_steps, spec.consistency_skip),
                    parametrisations=("x-eps",), renoises=True),
     **{name: Sampler(functools.partial(solver, name), functools.partial(solver_timesteps, name)) for name in SOLVERS},
+    "flow-euler": Sampler(flow_euler, lambda num_steps, spec: flow_timesteps(num_steps),
+                          parametrisations=("eps", "x-eps")),
 }
 
 

@@ -35,6 +35,7 @@ from dmd2 import DMD2
 from method import PlainTraining, derived_seed
 from models import DiT, DiT_models, save_checkpoint_atomic, update_ema
 from qat import QuantizationAwareDistillation
+from rectified_flow import InstaFlowDistillation, ReflowDistillation
 from sampling import SAMPLERS, check_step_count
 from step_distill import (ConsistencyDistillation, GuidanceDistillation, ProgressiveDistillation,
                           TrajectoryConsistencyDistillation)
@@ -44,7 +45,7 @@ from step_distill import (ConsistencyDistillation, GuidanceDistillation, Progres
 METHODS = {"plain": PlainTraining, "distillation": SizeDistillation, "progressive": ProgressiveDistillation,
            "consistency": ConsistencyDistillation, "tcd": TrajectoryConsistencyDistillation,
            "guidance": GuidanceDistillation, "dmd2": DMD2, "adversarial": AdversarialDistillation,
-           "qat": QuantizationAwareDistillation}
+           "reflow": ReflowDistillation, "instaflow": InstaFlowDistillation, "qat": QuantizationAwareDistillation}
 
 
 #################################################################################
@@ -160,8 +161,7 @@ def main(args):
 def prepare(args, rank, world_size, device, logger):
     """Data, the run (method, networks, optimizers) and the step to start from (a resume)."""
     if args.global_batch_size % world_size:
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
-                        f"processes")
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes")
     dataset, data, vae = build_dataset(args, device)  # or a UserError
     run = build_run(args, data, device, world_size)
     path, checkpoint = latest_checkpoint(args, logger)

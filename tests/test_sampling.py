@@ -113,7 +113,8 @@ def recording(model):
 
 
 CASES = [("ddpm", 2), ("ddpm", 7), ("ddim", 10), ("ddim", 25), ("ddim-trailing", 1), ("ddim-trailing", 3),
-         ("dpm++2m", 1), ("dpm++2m", 5), ("unipc", 4), ("euler", 3), ("euler", 6)]
+         ("dpm++2m", 1), ("dpm++2m", 5), ("unipc", 4), ("euler", 3), ("euler", 6), ("flow-euler", 1),
+         ("flow-euler", 5)]
 
 
 @pytest.mark.parametrize("name, steps", CASES)
@@ -153,7 +154,7 @@ def test_step_counts_and_needs_are_declared():
         assert count in SAMPLERS["ddpm"].step_counts and count in SAMPLERS["dpm++2m"].step_counts
     assert [name for name, s in SAMPLERS.items() if s.renoises] == ["consistency", "tcd"]
     assert [name for name, s in SAMPLERS.items() if "x-eps" in s.parametrisations] == \
-        ["ddim-trailing", "consistency", "tcd"]
+        ["ddim-trailing", "consistency", "tcd", "flow-euler"]  # flow-euler: any DiT's velocity x_0 - eps
 
 
 #################################################################################
