@@ -4,7 +4,7 @@
 
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
 --distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
-student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 4:
+student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 3:
 4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills that into the shipped model
 (train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all five with the same classes and
 initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two forwards per step) and the guided
@@ -19,6 +19,7 @@ exists, so rerunning after a stop continues where it stopped.
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -37,30 +38,43 @@ NAMES = ("teacher", "student", "scratch", "fewstep", "shipped")
 GUIDED_NAMES = ("teacher", "fewstep", "shipped")  # sampled at --guidance-scales too
 
 
+STAGE_SECONDS = {}  # wall time of each stage of this run (a reused stage: the time to find it done), for the report
+
+
+def timed(stage, function, *arguments):
+    start = time.time()
+    result = function(*arguments)
+    STAGE_SECONDS[stage] = STAGE_SECONDS.get(stage, 0.0) + time.time() - start
+    return result
+
+
 def train_models(args):
-    """Teacher, distilled student, scratch student and the few-step student (the distilled student, step-distilled);
-    train.py resumes or skips what is already done."""
+    """Teacher, distilled student, scratch student, the few-step student (the distilled student, step-distilled with
+    guidance folded in) and the shipped one (that, quantization-aware distilled); train.py resumes or skips what is
+    already done."""
     teacher_dir, student_dir, scratch_dir = (os.path.join(args.out, n) for n in ("teacher", "student", "scratch"))
     student_steps = args.warmup_steps + args.feature_steps + args.joint_steps
-    run("train.py", "--model", TEACHER, "--max-steps", args.teacher_steps, "--ckpt-every", args.teacher_steps,
-        "--results-dir", teacher_dir, "--seed", args.seed, *TRAINING)
+    timed("train teacher", run, "train.py", "--model", TEACHER, "--max-steps", args.teacher_steps,
+          "--ckpt-every", args.teacher_steps, "--results-dir", teacher_dir, "--seed", args.seed, *TRAINING)
     teacher_ckpt = final_checkpoint(teacher_dir, args.teacher_steps)
-    run("train.py", "--distillation", "--teacher-model", TEACHER, "--teacher-ckpt", teacher_ckpt,
-        "--student-model", STUDENT, "--warmup-steps", args.warmup_steps, "--feature-steps", args.feature_steps,
-        "--joint-steps", args.joint_steps, "--ckpt-every", student_steps, "--results-dir", student_dir,
-        "--seed", args.seed, *TRAINING)
-    run("train.py", "--model", STUDENT, "--max-steps", student_steps, "--ckpt-every", student_steps,
-        "--results-dir", scratch_dir, "--seed", args.seed, *TRAINING)
+    timed("train distilled student", run, "train.py", "--distillation", "--teacher-model", TEACHER,
+          "--teacher-ckpt", teacher_ckpt, "--student-model", STUDENT, "--warmup-steps", args.warmup_steps,
+          "--feature-steps", args.feature_steps, "--joint-steps", args.joint_steps, "--ckpt-every", student_steps,
+          "--results-dir", student_dir, "--seed", args.seed, *TRAINING)
+    timed("train scratch student", run, "train.py", "--model", STUDENT, "--max-steps", student_steps,
+          "--ckpt-every", student_steps, "--results-dir", scratch_dir, "--seed", args.seed, *TRAINING)
     student_ckpt = final_checkpoint(student_dir, student_steps)
     fewstep_dir = os.path.join(args.out, "fewstep")
-    run("train.py", "--step-distillation", args.fewstep_method, "--teacher-ckpt", student_ckpt,
-        "--sampling-steps", args.fewstep_sampling_steps, *FEWSTEP_METHOD_FLAGS[args.fewstep_method],
-        "--guidance-range", *args.guidance_range, "--max-steps", args.fewstep_steps, "--ckpt-every",
-        args.fewstep_steps, "--results-dir", fewstep_dir, "--seed", args.seed, *FEWSTEP_TRAINING)
+    timed("train few-step student", run, "train.py", "--step-distillation", args.fewstep_method,
+          "--teacher-ckpt", student_ckpt, "--sampling-steps", args.fewstep_sampling_steps,
+          *FEWSTEP_METHOD_FLAGS[args.fewstep_method], "--guidance-range", *args.guidance_range,
+          "--max-steps", args.fewstep_steps, "--ckpt-every", args.fewstep_steps, "--results-dir", fewstep_dir,
+          "--seed", args.seed, *FEWSTEP_TRAINING)
     fewstep_ckpt = final_checkpoint(fewstep_dir, args.fewstep_steps)
     shipped_dir = os.path.join(args.out, "shipped")
-    run("train.py", "--step-distillation", "qat", "--teacher-ckpt", fewstep_ckpt, "--max-steps", args.qat_steps,
-        "--ckpt-every", args.qat_steps, "--results-dir", shipped_dir, "--seed", args.seed, *QAT_TRAINING)
+    timed("quantization-aware distillation", run, "train.py", "--step-distillation", "qat",
+          "--teacher-ckpt", fewstep_ckpt, "--max-steps", args.qat_steps, "--ckpt-every", args.qat_steps,
+          "--results-dir", shipped_dir, "--seed", args.seed, *QAT_TRAINING)
     return {"teacher": teacher_ckpt, "student": student_ckpt, "scratch": final_checkpoint(scratch_dir, student_steps),
             "fewstep": fewstep_ckpt, "shipped": final_checkpoint(shipped_dir, args.qat_steps)}
 
@@ -304,6 +318,10 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
                      f"{score['megabytes']:.2f} | "
                      f"{score['latency_vs_fp32'][1]:.2f} | {score['latency_vs_fp32'][8]:.2f} | "
                      f"{score['accuracy']:.3f} | {score['frechet']:.2f} |")
+    lines += ["", "Where this run's wall time went (a stage reused from an earlier run counts the time to find it "
+              "done):",
+              "", "| stage | minutes |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in STAGE_SECONDS.items()]
     path = os.path.join(args.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -330,7 +348,7 @@ def parse_args(argv=None):
                              "(consistency: 13.2 Frechet at 4 steps where progressive reached 17.2, README)")
     parser.add_argument("--fewstep-steps", type=positive_int, default=1200, help="its training steps")
     parser.add_argument("--fewstep-sampling-steps", type=positive_int, default=4, help="the steps it samples in")
-    parser.add_argument("--guidance-range", type=non_negative_float, nargs=2, default=[1.0, 4.0],
+    parser.add_argument("--guidance-range", type=non_negative_float, nargs=2, default=[1.0, 3.0],
                         metavar=("WMIN", "WMAX"), help="guidance scales folded into the few-step student (an input)")
     parser.add_argument("--guidance-scales", type=non_negative_float, nargs="+", default=[1.5, 3.0],
                         help="w at which the teacher and the guided students are also scored (besides 1)")
@@ -348,16 +366,18 @@ def parse_args(argv=None):
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
+    start = time.time()
     checkpoints = train_models(args)
-    timings = sample_all(args, checkpoints)
-    scores = score_all(args, sample_guided(args, checkpoints))
-    exported = export_students(args, checkpoints)
-    sampler_markdown = compare_samplers(args, checkpoints)
-    export_scores = score_exports(args, exported)
-    for name, ratios in time_exports(exported).items():
+    timings = timed("sample (unguided, timed)", sample_all, args, checkpoints)
+    scores = timed("sample guided, score", lambda: score_all(args, sample_guided(args, checkpoints)))
+    exported = timed("export", export_students, args, checkpoints)
+    sampler_markdown = timed("sampler table (samplers.py)", compare_samplers, args, checkpoints)
+    export_scores = timed("sample and score the exported files", score_exports, args, exported)
+    for name, ratios in timed("time the exported files", time_exports, exported).items():
         export_scores[name]["latency_vs_fp32"] = ratios
     save_comparison_grid(args)
     save_loss_curves(args)
+    STAGE_SECONDS["total (to the report)"] = time.time() - start
     report = write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown)
     print(open(report).read())
 

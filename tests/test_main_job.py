@@ -34,7 +34,7 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
     report = (out / "report.md").read_text()
     for row in ("teacher (DiT-Digits-T)", "distilled student (DiT-Digits-S)", "scratch student (DiT-Digits-S)",
                 "few-step student (DiT-Digits-S, consistency-distilled from the distilled student, guidance w in "
-                "[1.0, 4.0] folded in) | 350,856 | ", "shipped student (the few-step student, quantization-aware"):
+                "[1.0, 3.0] folded in) | 350,856 | ", "shipped student (the few-step student, quantization-aware"):
         assert row in report
     for sampler in ("ddim", "dpm++2m", "unipc"):  # the sampler table: teacher and student side by side
         for steps in (5, 10, 20):
