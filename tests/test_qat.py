@@ -199,3 +199,21 @@ def test_qat_bad_input_is_refused_with_the_fix(fewstep_ckpt, tmp_path):
     assert result.returncode != 0 and "already quantization-aware" in result.stderr
     result = run_script("train.py", *qat_args(fewstep, tmp_path / "g", "--guidance-range", 1, 2), check=False)
     assert result.returncode != 0 and "--guidance-range do(es) not apply to --step-distillation qat" in result.stderr
+
+
+def test_openvino_on_the_full_int8_file_equals_onnxruntimes_exact_qdq(exported):
+    """The learned full-INT8 file in OpenVINO equals onnxruntime's exact Q/DQ arithmetic (fused kernels off), as the
+    post-training file does (tests/test_openvino.py), so it holds on any CPU where that holds."""
+    pytest.importorskip("openvino", reason="requirements.txt installs openvino; this Python has none")
+    import run_exported
+    from test_openvino import INT8_RUNTIME_AGREEMENT, relative_error
+    _, folder = exported
+    generator = torch.Generator().manual_seed(4)
+    inputs = {"x": torch.randn(16, 1, 8, 8, generator=generator).numpy(),
+              "t": torch.tensor([999., 759., 499., 259.] * 4).numpy(), "y": (np.arange(16) % 10).astype(np.int32),
+              "w": np.linspace(1, 4, 16, dtype=np.float32)}
+    denoise, metadata = run_exported.load_denoiser(str(folder / "qat_int8.onnx"), threads=1, runtime="openvino")
+    assert metadata["quantization"].startswith("learned Q/DQ on every Linear")
+    ours = denoise(inputs["x"], inputs["t"], inputs["y"], inputs["w"])
+    reference = onnx_output(str(folder / "qat_int8.onnx"), inputs, exact_qdq=True)
+    assert relative_error(ours, reference) < INT8_RUNTIME_AGREEMENT
