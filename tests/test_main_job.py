@@ -100,8 +100,9 @@ def test_fewstep_table_has_every_row(tmp_path):
     run("train.py", "--model", "DiT-Digits-S", "--max-steps", "2", "--ckpt-every", "2", "--global-batch-size", "16",
         "--results-dir", str(teacher))
     run("fewstep.py", "--teacher-ckpt", str(teacher / "checkpoints" / "0000002.pt"), "--out", str(tmp_path / "fs"),
-        "--steps", "6", "--guidance-steps", "2", "--dmd2-steps", "5", "--dmd2-ablation-steps", "5", "--adversarial-steps", "2", "--num-samples", "10",
-        "--timing-samples", "2")
+        "--steps", "6", "--guidance-steps", "2", "--dmd2-steps", "5", "--dmd2-ablation-steps", "5",
+        "--adversarial-steps", "2", "--num-samples", "10", "--timing-samples", "2",
+        "--methods", "progressive", "consistency", "guidance", "dmd2", "adversarial")  # tcd / reflow: their own test
     table = (tmp_path / "fs" / "fewstep.md").read_text()
     for row in ("| teacher DDIM | 50 | 50 | 1.000 |", "| teacher DDIM (trailing) | 1 | 1 |",
                 "| progressive student | 8 | 8 |", "| consistency student | 4 | 4 |", "| dmd2 student | 1 | 1 |",

@@ -251,8 +251,9 @@ def test_bench_runtime_table_times_every_runtime_side_by_side(onnx_files):
                                              threads=1)
     assert bits[8] < bits[7] < bits[8] + 0.01  # what 7-bit weights cost, computed exactly
     expected = [("torch eager", "fp32")] + [r for r in [("onnxruntime", "fp32"), ("onnxruntime", "int8"),
-                                                        ("onnxruntime", "int8-cpu"), ("openvino", "fp32"),
-                                                        ("openvino", "fp16"), ("openvino", "int8")]
+                                                        ("onnxruntime", "int8-full"), ("onnxruntime", "int8-cpu"),
+                                                        ("openvino", "fp32"), ("openvino", "fp16"),
+                                                        ("openvino", "int8"), ("openvino", "int8-full")]
                                             if r[0] != "openvino" or export.openvino_installed()]
     assert [(row["runtime"], row["precision"]) for row in rows] == expected
     for row in rows:
