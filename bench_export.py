@@ -71,10 +71,9 @@ def full_int8_file(args, model, data, path):
     scales quantization-aware distillation starts from (MinMax on export.py's calibration set, 64 rows): its size and
     speed are the trained file's; its error is before any training (the shipped digits student's, trained, is in the
     main job's report)."""
-    from models import DiT
-    from quantization import calibrate
-    student = DiT(**dict(model.config, weight_bits=7))
-    student.load_state_dict({**student.state_dict(), **model.state_dict()})
+    from models import quantization_aware_copy
+    from quantization import DEFAULT_WEIGHT_BITS, calibrate
+    student = quantization_aware_copy(model, DEFAULT_WEIGHT_BITS)
     rows = export.calibration_set(model.config, data, 64, export.CALIB_DDIM_STEPS)
     batches = [tuple(torch.from_numpy(rows[k][i:i + 16]) for k in "xty") for i in range(0, 64, 16)]
     calibrate(student, lambda m, batch: m(*batch), batches)

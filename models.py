@@ -424,6 +424,14 @@ def load_dit_checkpoint(path, model_name=None, image_size=None, num_classes=None
     return model.eval(), dict(data, sampling=SamplingSpec.from_checkpoint_entry(sampling).to_dict())
 
 
+def quantization_aware_copy(model, weight_bits):
+    """A DiT of model's config with every Linear fake-quantized (quantization.py) and model's weights; its input
+    scales are the initial ones until quantization.calibrate sets them."""
+    copy = DiT(**dict(model.config, weight_bits=weight_bits))
+    load_state_dict_strict(copy, {**copy.state_dict(), **model.state_dict()}, "the full-precision model")
+    return copy
+
+
 def load_state_dict_strict(model, state_dict, source):
     """load_state_dict(strict=True), with an error that lists the missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()

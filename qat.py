@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 from checks import UserError, number_in, positive_int
 from diffusion.gaussian_diffusion import mean_flat
-from method import TrainingMethod, diffusion_draws
-from models import DiT, load_state_dict_strict
+from method import TrainingMethod
+from models import quantization_aware_copy
 from quantization import DEFAULT_WEIGHT_BITS, calibrate, quantized_linears
 from sampling import SAMPLERS, model_output, q_sample
 from step_distill import StepDistillation, load_step_teacher
@@ -49,9 +49,10 @@ def quantization_distillation_loss(student, teacher, x_t, t, y, w, drop):
     return mean_flat((model_output(student, x_t, t, y, w, drop).float() - target.float()) ** 2)
 
 
-class QuantizationAwareDistillation(TrainingMethod):
+class QuantizationAwareDistillation(StepDistillation):
     """The INT8 student (the teacher's model with every Linear fake-quantized, started from its weights; input
-    scales calibrated on the first step's inputs, then learned) and the frozen full-precision teacher."""
+    scales calibrated on the first step's inputs, then learned) and the frozen full-precision teacher. It shares
+    StepDistillation's checks, draws and guidance scales, not its student (a copy of the teacher's own model)."""
     name = "qat"
     step_method = True
     summary = ("quantization-aware distillation to full INT8 (every Linear; the model keeps its sampler, steps and "
@@ -59,7 +60,7 @@ class QuantizationAwareDistillation(TrainingMethod):
     flags = ("qat_weight_bits", "qat_ddim_steps")
 
     def __init__(self, args, data, device):
-        super().__init__(args, data, device)
+        TrainingMethod.__init__(self, args, data, device)
         teacher, self.spec = load_step_teacher(args, data)
         if teacher.config.get("weight_bits") is not None:
             raise UserError(f"{args.teacher_ckpt} is already quantization-aware ({teacher.config['weight_bits']}-bit "
@@ -67,10 +68,7 @@ class QuantizationAwareDistillation(TrainingMethod):
         self.timesteps = torch.tensor(visited_timesteps(self.spec, args.qat_ddim_steps))
         self.guidance_range = self.spec.guidance_range if teacher.w_embedder is not None else None
         self.frozen["teacher"] = teacher
-        student = DiT(**dict(teacher.config, weight_bits=args.qat_weight_bits))
-        state = {**student.state_dict(), **teacher.state_dict()}  # the teacher's weights, new input scales
-        load_state_dict_strict(student, state, args.teacher_ckpt)
-        self.trainable["student"] = student.float()
+        self.trainable["student"] = quantization_aware_copy(teacher, args.qat_weight_bits).float()
         self.calibrated = False  # input scales are set from the first step's inputs (state: resumed as True)
         self.ema = None
 
@@ -86,20 +84,6 @@ class QuantizationAwareDistillation(TrainingMethod):
                            help="for a teacher without a sampler of its own (a diffusion model): train at DDIM N's "
                                 "timesteps")
 
-    @classmethod
-    def check_args(cls, parser, args):
-        StepDistillation.check_args(parser, args)
-
-    def randomness(self, generator, batch, shape):
-        """The diffusion draws, a uniform for the timestep and one for the guidance scale."""
-        draws = diffusion_draws(generator, batch, shape, self.student.config["class_dropout_prob"])
-        draws["uniform"], draws["w_uniform"] = torch.rand(2, batch, generator=generator)
-        return draws
-
-    @property
-    def student(self):
-        return self.trainable["student"]
-
     def begin_step(self, step, ema):
         self.ema = ema  # calibration sets the EMA's scales too, so it does not average from the uncalibrated ones
         return None, ()
@@ -108,13 +92,9 @@ class QuantizationAwareDistillation(TrainingMethod):
         """x_t at the visited timesteps, t, y, w (over the guidance range, or None) and the label drops."""
         timesteps = self.timesteps.to(x0.device)
         t = timesteps[(draws["uniform"] * len(timesteps)).long().clamp(max=len(timesteps) - 1)]
-        x_t = q_sample(x0, t, draws["noise"])
-        if self.guidance_range is None:
-            return x_t, t, y, None, draws["drop"]
-        low, high = self.guidance_range
-        return x_t, t, y, low + (high - low) * draws["w_uniform"], torch.zeros_like(draws["drop"])
+        return (q_sample(x0, t, draws["noise"]), t, y, *self.guidance(draws))
 
-    def calibrate(self, x_t, t, y, w, drop):
+    def calibrate_scales(self, x_t, t, y, w, drop):
         """Input scales from this step's batch (max |x| / 127 per Linear; the maximum over every process's slice),
         copied into the EMA."""
         calibrate(self.student, lambda model, _: model_output(model, x_t, t, y, w, drop), [None])
@@ -133,7 +113,7 @@ class QuantizationAwareDistillation(TrainingMethod):
     def loss(self, update, nets, x0, y, draws, autocast):
         x_t, t, y, w, drop = self.inputs(x0, y, draws)
         if not self.calibrated:
-            self.calibrate(x_t, t, y, w, drop)
+            self.calibrate_scales(x_t, t, y, w, drop)
         with autocast:
             loss = quantization_distillation_loss(nets["student"], nets["teacher"], x_t, t, y, w, drop)
         return loss, {"qat": loss}

@@ -139,6 +139,7 @@ def linear_mode(model, mode):
     finally:
         for layer, old in zip(layers, previous):
             layer.mode = old
+            layer.__dict__.pop("exported", None)  # export_forward's constants, derived from the parameters
 
 
 @torch.no_grad()

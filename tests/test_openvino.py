@@ -14,8 +14,9 @@ import torch
 import export
 import run_exported
 from bench_export import random_weights, runtime_comparison
-from diffusion import create_diffusion
 from models import DiT_models
+from test_export import calibration_like_inputs as noised_digits
+from test_export import onnx_output as onnxruntime_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = dict(input_size=8, in_channels=1, num_classes=10)
@@ -52,30 +53,6 @@ def onnx_files(tmp_path_factory):
     calibration = dict(np.load(str(folder / "student_calib.npz")))
     export.quantize_onnx_qdq(paths["fp32"], paths["int8-full-range"], metadata, calibration, reduce_range=False)
     return {"paths": paths, "results": results, "calibration": calibration, "argv": argv}
-
-
-def onnxruntime_output(path, inputs, exact_qdq=False):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()  # default options: onnxruntime's fused int8 kernels on
-    options.intra_op_num_threads = 1
-    if exact_qdq:  # DequantizeLinear -> fp32 MatMul: the int8 arithmetic exactly, as TensorRT computes it
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
-
-
-def noised_digits(seed=5, count=64):
-    """Test-split digits forward-noised at random timesteps (not only the calibrated ones), random labels."""
-    from data import load_digits_arrays
-    images, _ = load_digits_arrays("test")
-    generator = np.random.default_rng(seed)
-    x0 = images[generator.integers(0, len(images), count), None] * 2 - 1
-    t = generator.integers(0, 1000, count)
-    abar = create_diffusion("").alphas_cumprod[t][:, None, None, None]
-    x = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * generator.standard_normal(x0.shape)
-    return {"x": x.astype(np.float32), "t": t.astype(np.float32),
-            "y": generator.integers(0, 10, count).astype(np.int32)}
 
 
 def relative_error(a, b):

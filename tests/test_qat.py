@@ -1,6 +1,5 @@
 """Quantization-aware distillation: the fake quantization against a float64 reference, the exported Q/DQ graph
 against the learned scales and the fake-quantized model, and train.py --step-distillation qat end to end."""
-import os
 
 import numpy as np
 import pytest
@@ -8,9 +7,10 @@ import torch
 
 import export
 import quantization as q
-from models import DiT_models, load_dit_checkpoint
+import models
+from models import load_dit_checkpoint
 from test_export import onnx_output
-from test_step_distill import PIXEL, TINY, random_dit, run_script
+from test_step_distill import TINY, random_dit, run_script
 from test_train import kill_after_checkpoint, load
 
 
@@ -57,10 +57,7 @@ def test_straight_through_and_learned_step_size_gradients():
 
 
 def quantization_aware_copy(model, bits=7):
-    student = DiT_models["DiT-Digits-S"](**dict(PIXEL, weight_bits=bits,
-                                                 guidance_embed=model.w_embedder is not None))
-    student.load_state_dict({**student.state_dict(), **model.state_dict()})
-    return student.eval()
+    return models.quantization_aware_copy(model, bits).eval()
 
 
 def test_every_linear_is_quantized_and_the_float_mode_is_the_plain_model():
