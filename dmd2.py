@@ -57,7 +57,7 @@ class DMD2(FewStepGenerator):
     name = "dmd2"
     summary = "distribution matching distillation with a fake score, the two time-scale rule and a GAN term " \
               "(Yin et al. 2024)"
-    flags = ("sampling_steps", "dmd2_generator_every", "dmd2_fake_lr", "dmd2_real_guidance",
+    flags = ("sampling_steps", "generator_init", "dmd2_generator_every", "dmd2_fake_lr", "dmd2_real_guidance",
              "dmd2_gan_generator_weight", "dmd2_gan_discriminator_weight", "dmd2_gan_max_t")
 
     def __init__(self, args, data, device):

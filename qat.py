@@ -57,7 +57,7 @@ class QuantizationAwareDistillation(StepDistillation):
     step_method = True
     summary = ("quantization-aware distillation to full INT8 (every Linear; the model keeps its sampler, steps and "
                "guidance range: run it after any step method)")
-    flags = ("qat_weight_bits", "qat_ddim_steps")
+    flags = ("qat_weight_bits", "qat_ddim_steps", "guidance_min_fraction")
 
     def __init__(self, args, data, device):
         TrainingMethod.__init__(self, args, data, device)

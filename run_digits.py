@@ -8,12 +8,12 @@ student into a few-step model with guidance folded in (train.py --step-distillat
 4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills that into the shipped model
 (train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all five with the same classes and
 initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two forwards per step) and the guided
-students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. scores the teacher and the distilled student under
-DDIM, DPM-Solver++ 2M and UniPC at 5 / 10 / 20 steps against DDIM 50 (samplers.py), 9. exports the distilled, the
-few-step and the shipped student (export.py: fp32, int8 (post-training for the first two, the learned full INT8 of
-the shipped one), fp16) and scores samples made through every exported file (run_exported.py), 10. writes report.md,
-a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler (DPM-Solver++ 2M, 20
-steps: DDIM 50's quality in 2.5x fewer forwards, the sampler table). Every step is reused when its output already
+students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. exports the distilled, the few-step and the shipped
+student (export.py: fp32, int8 (post-training for the first two, the learned full INT8 of the shipped one), fp16) and
+scores samples made through every exported file (run_exported.py), 9. writes report.md, a side-by-side grid and the
+loss curves into --out. The diffusion models sample with --sampler (DPM-Solver++ 2M, 20 steps: DDIM 50's quality in
+2.5x fewer forwards; samplers.py's table on this job's teacher and student, README "Fast samplers", which is not part
+of this job: it does not change what the job ships). Every step is reused when its output already
 exists, so rerunning after a stop continues where it stopped.
 """
 import argparse
@@ -121,16 +121,6 @@ def sampling_settings(args, data):
     if data["sampling"]["sampler"] is not None:
         return dict(sampler=None, num_sampling_steps=None, cfg_scale=1.0)
     return dict(sampler=args.sampler, num_sampling_steps=args.steps, cfg_scale=args.cfg_scale)
-
-
-def compare_samplers(args, checkpoints):
-    """samplers.py's table for the teacher and the distilled student, in --out (reused when samplers.json exists)."""
-    if not os.path.exists(os.path.join(args.out, "samplers.json")):
-        run("samplers.py", "--ckpt", checkpoints["teacher"], "--ckpt", checkpoints["student"], "--out", args.out,
-            "--cache-dir", os.path.join(args.out, "digits_scorer"), "--seed", args.seed,
-            "--num-samples", args.num_samples, "--timing-samples", args.timing_samples)
-    with open(os.path.join(args.out, "samplers.md")) as f:
-        return f.read().rstrip("\n")
 
 
 def score_all(args, guided):
@@ -259,7 +249,7 @@ def guidance_table(args, scores):
     return lines
 
 
-def write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown):
+def write_report(args, checkpoints, timings, scores, exported, export_scores):
     from models import flops_per_forward, load_dit_checkpoint
     from sampling import forwards_per_step
     lines = ["# Digits: teacher, distilled student, student from scratch, few-step student", "",
@@ -294,11 +284,6 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores, sa
               f"{args.guidance_range}); the same labels and noise, {args.num_samples} samples per cell.", "",
               *guidance_table(args, scores), "",
               "![loss curves](loss_curves.png)", "",
-              f"Samplers (samplers.py; {args.num_samples} samples per row, the same labels and noise, unguided; time "
-              f"per image relative to the teacher's DDIM 50, one timing round). The diffusion models above sample "
-              f"with {args.sampler} {args.steps}, the default chosen from this table: the fewest forwards that keep "
-              f"DDIM 50's scores.", "",
-              sampler_markdown, "",
               f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "
               f"{args.steps} steps, the few-step student its own sampler and steps; the same {args.num_samples} labels "
               "and numpy noise for every file, so int8 and fp16 are compared with fp32 on equal terms; its noise "
@@ -371,14 +356,13 @@ def main(args):
     timings = timed("sample (unguided, timed)", sample_all, args, checkpoints)
     scores = timed("sample guided, score", lambda: score_all(args, sample_guided(args, checkpoints)))
     exported = timed("export", export_students, args, checkpoints)
-    sampler_markdown = timed("sampler table (samplers.py)", compare_samplers, args, checkpoints)
     export_scores = timed("sample and score the exported files", score_exports, args, exported)
     for name, ratios in timed("time the exported files", time_exports, exported).items():
         export_scores[name]["latency_vs_fp32"] = ratios
     save_comparison_grid(args)
     save_loss_curves(args)
     STAGE_SECONDS["total (to the report)"] = time.time() - start
-    report = write_report(args, checkpoints, timings, scores, exported, export_scores, sampler_markdown)
+    report = write_report(args, checkpoints, timings, scores, exported, export_scores)
     print(open(report).read())
 
 

@@ -173,7 +173,7 @@ class StepDistillation(TrainingMethod):
     """
     parametrisation = "x-eps"
     step_method = True
-    flags = ("guidance_range",)
+    flags = ("guidance_range", "guidance_min_fraction")
 
     def __init__(self, args, data, device):
         super().__init__(args, data, device)
@@ -185,6 +185,9 @@ class StepDistillation(TrainingMethod):
         self.guidance_range = tuple(args.guidance_range or teacher_sampling.guidance_range or ()) or None
         if teacher.w_embedder is not None and not self.guidance_range:
             raise UserError("the teacher is guidance-distilled (it takes w): pass --guidance-range")
+        if args.guidance_min_fraction and not self.guidance_range:
+            raise UserError(f"--guidance-min-fraction {args.guidance_min_fraction} draws w from a guidance range: "
+                            f"pass --guidance-range WMIN WMAX too")
         self.check_teacher(teacher_sampling)
         self.trainable["student"] = make_student(teacher, self.teacher_parametrisation, self.parametrisation,
                                                  bool(self.guidance_range)).float()
@@ -219,6 +222,15 @@ class StepDistillation(TrainingMethod):
                            help="guidance scales the student learns to take as input (w drawn uniformly; 1 = no "
                                 "guidance): required for guidance, optional with progressive or consistency (then "
                                 "the teacher's steps are guided, as LCM)")
+        steps.add_argument("--guidance-min-fraction", type=number_in(float, 0, 1), default=0.0, metavar="P",
+                           help="with --guidance-range: the fraction of examples drawn at WMIN exactly, the rest "
+                                "uniform over the range (0: all uniform; more keeps the unguided model's quality "
+                                "when WMIN is 1)")
+        steps.add_argument("--generator-init", default=None, metavar="CKPT",
+                           help="dmd2 and adversarial: start the 1-4 step generator from this few-step (x-eps) "
+                                "student of the same teacher, e.g. a consistency student, instead of from the "
+                                "teacher (whose x~ head starts at zero, so its 1-step sample starts gray); the fake "
+                                "score and the discriminator still start from the teacher")
 
     @classmethod
     def check_args(cls, parser, args):
@@ -255,7 +267,9 @@ class StepDistillation(TrainingMethod):
         if not self.guidance_range:
             return None, draws["drop"]
         low, high = self.guidance_range
-        return low + (high - low) * draws["w_uniform"], torch.zeros_like(draws["drop"])
+        u, p = draws["w_uniform"], self.args.guidance_min_fraction
+        spread = ((u - p) / (1 - p)).clamp(min=0) if p < 1 else torch.zeros_like(u)  # uniform on [0, 1) above p
+        return low + (high - low) * spread, torch.zeros_like(draws["drop"])
 
     def describe(self):
         return f"{self.name} distillation"
@@ -266,7 +280,7 @@ class ProgressiveDistillation(StepDistillation):
     the previous round's student (round 0: the given teacher), and the student restarts from it."""
     name = "progressive"
     summary = "rounds halving the DDIM steps (Salimans & Ho 2022)"
-    flags = ("progressive_start_steps", "sampling_steps", "guidance_range")
+    flags = ("progressive_start_steps", "sampling_steps", "guidance_range", "guidance_min_fraction")
     fixed_on_resume = ("max_steps",)  # the rounds split --max-steps evenly, so it fixes where each round starts
 
     def __init__(self, args, data, device):
@@ -333,7 +347,8 @@ class ConsistencyDistillation(StepDistillation):
     frozen teacher that makes the ODE step."""
     name = "consistency"
     summary = "consistency distillation with multistep sampling (Song et al. 2023, LCM)"
-    flags = ("consistency_skip", "consistency_target_decay", "sampling_steps", "guidance_range")
+    flags = ("consistency_skip", "consistency_target_decay", "sampling_steps", "guidance_range",
+             "guidance_min_fraction")
 
     def __init__(self, args, data, device):
         super().__init__(args, data, device)
@@ -468,7 +483,7 @@ class FewStepGenerator(StepDistillation):
     """A student that samples in 1 to --sampling-steps steps (a power of two) on the trailing grid: started from the
     teacher as an x-eps model, trained at every grid point through backward simulation, sampled by the consistency
     sampler (x_0 = G(x, t_i), re-noised to t_{i+1}). The base of DMD2 and of adversarial distillation."""
-    flags = ("sampling_steps",)
+    flags = ("sampling_steps", "generator_init")
 
     def __init__(self, args, data, device):
         super().__init__(args, data, device)
@@ -476,6 +491,26 @@ class FewStepGenerator(StepDistillation):
             raise UserError(f"--sampling-steps {args.sampling_steps} must be a power of two (1, 2, 4, 8) so that "
                             f"fewer steps lie on its grid")
         self.grid, self.step_counts = generator_grid(args.sampling_steps)
+        if args.generator_init:
+            self.start_from(args.generator_init)
+
+    def start_from(self, path):
+        """The generator's weights from a few-step checkpoint of this teacher's architecture (a warm start: DMD2
+        refines a generator that already samples, rather than growing one from the teacher's zero x~ head)."""
+        from models import load_dit_checkpoint
+        init, init_data = load_dit_checkpoint(path)
+        spec = SamplingSpec.from_checkpoint_entry(init_data["sampling"])
+        if spec.parametrisation != "x-eps" or init.w_embedder is not None:
+            raise UserError(f"--generator-init {path}: a {spec.method} model predicting {spec.parametrisation}"
+                            f"{' with a w input' if init.w_embedder is not None else ''}; give a few-step x-eps "
+                            f"student without guidance (e.g. --step-distillation consistency of this teacher, "
+                            f"without --guidance-range)")
+        if init.config != self.student.config:
+            differing = sorted(k for k in set(init.config) | set(self.student.config)
+                               if init.config.get(k) != self.student.config.get(k))
+            raise UserError(f"--generator-init {path} is not of the teacher's architecture (it differs in "
+                            f"{', '.join(differing)}): step-distil this teacher first and give that checkpoint")
+        load_state_dict_strict(self.student, init.state_dict(), path)
 
     def generator_draws(self, generator, batch, shape):
         """The generator's input noise, its grid point and backward simulation's re-noising draws."""

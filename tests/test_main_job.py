@@ -36,11 +36,17 @@ def test_main_job_writes_everything_and_reuses_finished_steps(tmp_path):
                 "few-step student (DiT-Digits-S, consistency-distilled from the distilled student, guidance w in "
                 "[1.0, 3.0] folded in) | 350,856 | ", "shipped student (the few-step student, quantization-aware"):
         assert row in report
-    for sampler in ("ddim", "dpm++2m", "unipc"):  # the sampler table: teacher and student side by side
+    # the sampler table (README "Fast samplers", not part of the job) on the job's teacher and student side by side
+    tables = tmp_path / "samplers"
+    run("samplers.py", "--ckpt", str(out / "teacher" / "checkpoints" / "0000004.pt"), "--ckpt",
+        str(out / "student" / "checkpoints" / "0000006.pt"), "--out", str(tables), "--cache-dir",
+        str(out / "digits_scorer"), "--num-samples", "20", "--timing-samples", "4")
+    table = (tables / "samplers.md").read_text()
+    for sampler in ("ddim", "dpm++2m", "unipc"):
         for steps in (5, 10, 20):
-            row = next(line for line in report.splitlines() if line.startswith(f"| {sampler} | {steps} |"))
+            row = next(line for line in table.splitlines() if line.startswith(f"| {sampler} | {steps} |"))
             assert len(row.split(" | ")) == 8, row
-    assert set(json.loads((out / "samplers.json").read_text())) == {
+    assert set(json.loads((tables / "samplers.json").read_text())) == {
         f"{model} {sampler} {steps}" for model in ("teacher", "student")
         for sampler, steps in [("ddim", 50)] + [(s, n) for s in ("ddim", "dpm++2m", "unipc") for n in (5, 10, 20)]}
     fewstep_row = next(line for line in report.splitlines() if line.startswith("| few-step student"))

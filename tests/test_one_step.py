@@ -191,6 +191,48 @@ def test_dmd2_bad_inputs_fail_clearly(teacher_ckpt, tmp_path):
     assert result.returncode == 1 and "needs a diffusion model as its real score" in result.stderr
 
 
+def test_generator_init_warm_starts_the_generator_alone(teacher_ckpt, tmp_path):
+    """--generator-init: the generator (and its EMA) start from a consistency student of the teacher; the fake score
+    still starts from the teacher; a model that is not such a student is refused with the reason."""
+    from models import load_dit_checkpoint
+    run_script("train.py", "--step-distillation", "consistency", "--teacher-ckpt", teacher_ckpt, "--max-steps", 2,
+               "--sampling-steps", 2, "--results-dir", tmp_path / "cd", *TINY)
+    init = str(tmp_path / "cd" / "checkpoints" / "0000002.pt")
+    run, _ = build(teacher_ckpt, tmp_path / "w", "--generator-init", init)
+    warm, _ = load_dit_checkpoint(init)
+    teacher, _ = load_dit_checkpoint(teacher_ckpt)
+    for name, tensor in warm.state_dict().items():
+        torch.testing.assert_close(run.method.student.state_dict()[name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(run.ema.state_dict()[name], tensor, rtol=0, atol=0)
+    for name, tensor in teacher.state_dict().items():
+        torch.testing.assert_close(run.method.trainable["fake_score"].state_dict()[name], tensor, rtol=0, atol=0)
+    cold, _ = build(teacher_ckpt, tmp_path / "c")
+    assert not torch.equal(cold.method.student.final_layer.linear.weight, run.method.student.final_layer.linear.weight)
+    # refused: the eps teacher itself, a guided student, another architecture
+    run_script("train.py", "--step-distillation", "consistency", "--teacher-ckpt", teacher_ckpt, "--max-steps", 1,
+               "--sampling-steps", 2, "--guidance-range", 1, 2, "--results-dir", tmp_path / "g", *TINY)
+    wide = tmp_path / "wide.pt"
+    config = model_config("DiT-Digits-S", **PIXEL, depth=2)
+    torch.save({"ema": DiT(**dict(config, learn_sigma=True)).state_dict(), "config": dict(config, learn_sigma=True),
+                "data": {"image_size": 8, "latent": False, "vae": None},
+                "sampling": json.loads(json.dumps(load_checkpoint_sampling(init)))}, wide)
+    for path, message in ((teacher_ckpt, "predicting eps; give a few-step x-eps student"),
+                          (tmp_path / "g" / "checkpoints" / "0000001.pt", "with a w input"),
+                          (wide, "is not of the teacher's architecture (it differs in depth)")):
+        result = run_script("train.py", *dmd2_args(teacher_ckpt, tmp_path / "bad", "--generator-init", path),
+                            check=False)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, \
+            (message, result.stderr[-1500:])
+    result = run_script("train.py", "--step-distillation", "consistency", "--teacher-ckpt", teacher_ckpt,
+                        "--max-steps", 1, "--generator-init", init, "--results-dir", tmp_path / "x", *TINY,
+                        check=False)
+    assert result.returncode == 2 and "--generator-init" in result.stderr
+
+
+def load_checkpoint_sampling(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["sampling"]
+
+
 def adversarial_args(teacher_ckpt, results_dir, *extra):
     return ["--step-distillation", "adversarial", "--teacher-ckpt", teacher_ckpt, "--sampling-steps", 2,
             "--max-steps", 6, "--adversarial-levels", 2, "--results-dir", results_dir, *TINY, *extra]

@@ -295,6 +295,26 @@ def test_guidance_distilled_student_takes_w_in_one_forward(students):
         sample.generate(model, data, [1], cfg_scale=4.0, progress=False)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_guidance_min_fraction_draws_wmin_for_that_share_and_uniform_w_for_the_rest(fraction, teacher_ckpt,
+                                                                                    tmp_path):
+    import train
+    args = train.parse_args([str(a) for a in step_args("consistency", teacher_ckpt, tmp_path, "--guidance-range", 1,
+                                                       3, "--guidance-min-fraction", fraction)])
+    data = dict(image_size=8, latent=False, vae=None, input_size=8, in_channels=1, num_classes=10)
+    method = train.build_run(args, data, torch.device("cpu"), world_size=1).method
+    draws = method.randomness(torch.Generator().manual_seed(0), 20000, (1, 8, 8))
+    w, drop = method.guidance(draws)
+    assert not drop.any()  # every label kept: w = 1 is the conditional model
+    at_min = w == 1.0
+    assert abs(at_min.float().mean().item() - fraction) < 0.01
+    rest = w[~at_min]
+    if fraction < 1:  # the rest uniform on [1, 3): mean 2, variance 1/3, each half of the range holding half
+        assert rest.min() >= 1 and rest.max() < 3
+        assert abs(rest.mean().item() - 2) < 0.02 and abs(rest.var().item() - 4 / 12) < 0.02
+        assert abs((rest < 2).float().mean().item() - 0.5) < 0.02
+
+
 def test_sample_ddp_uses_the_checkpoints_sampler(students, tmp_path):
     import json
     ckpt = students["consistency"]
@@ -397,6 +417,8 @@ def test_step_distillation_bad_inputs_fail_clearly(teacher_ckpt, tmp_path, capsy
         (step_args("consistency", teacher_ckpt, tmp_path / "b", "--consistency-skip", 7), "must divide 1000"),
         (["--step-distillation", "guidance", "--teacher-ckpt", teacher_ckpt, "--max-steps", 2, "--results-dir",
           tmp_path / "c"], "needs --guidance-range"),
+        (step_args("consistency", teacher_ckpt, tmp_path / "k", "--guidance-min-fraction", 0.5),
+         "--guidance-min-fraction 0.5 draws w from a guidance range: pass --guidance-range WMIN WMAX too"),
     ]
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("not a checkpoint")
