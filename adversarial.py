@@ -91,8 +91,8 @@ class AdversarialDistillation(FewStepGenerator):
     discriminator its features and the distillation term its target."""
     name = "adversarial"
     summary = "ADD with LADD's discriminator on the teacher's features (Sauer et al. 2023, 2024)"
-    flags = ("sampling_steps", "generator_init", "adversarial_disc_lr", "adversarial_loss", "adversarial_distill_weight",
-             "adversarial_gan_weight", "adversarial_levels", "adversarial_max_t")
+    flags = ("sampling_steps", "generator_init", "adversarial_disc_lr", "adversarial_loss",
+             "adversarial_distill_weight", "adversarial_gan_weight", "adversarial_levels", "adversarial_max_t")
 
     def __init__(self, args, data, device):
         super().__init__(args, data, device)
