@@ -4,8 +4,8 @@
 
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
 --distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
-student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 3:
-4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills that into the shipped model
+student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 3
+--guidance-min-fraction 0.75: 4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills that into the shipped model
 (train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all five with the same classes and
 initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two forwards per step) and the guided
 students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. exports the distilled, the few-step and the shipped
@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from checks import non_negative_float, non_negative_int, positive_int, run_script, write_atomically
+from checks import non_negative_float, non_negative_int, positive_int, probability, run_script, write_atomically
 from experiments import (STUDENT, TEACHER, TRAINING, digits_labels, export_runtime, exported_metadata,
                          final_checkpoint, run, time_exports, time_sampling)
 
@@ -68,12 +68,14 @@ def train_models(args):
     timed("train few-step student", run, "train.py", "--step-distillation", args.fewstep_method,
           "--teacher-ckpt", student_ckpt, "--sampling-steps", args.fewstep_sampling_steps,
           *FEWSTEP_METHOD_FLAGS[args.fewstep_method], "--guidance-range", *args.guidance_range,
+          "--guidance-min-fraction", args.guidance_min_fraction,
           "--max-steps", args.fewstep_steps, "--ckpt-every", args.fewstep_steps, "--results-dir", fewstep_dir,
           "--seed", args.seed, *FEWSTEP_TRAINING)
     fewstep_ckpt = final_checkpoint(fewstep_dir, args.fewstep_steps)
     shipped_dir = os.path.join(args.out, "shipped")
     timed("quantization-aware distillation", run, "train.py", "--step-distillation", "qat",
-          "--teacher-ckpt", fewstep_ckpt, "--max-steps", args.qat_steps, "--ckpt-every", args.qat_steps,
+          "--teacher-ckpt", fewstep_ckpt, "--guidance-min-fraction", args.guidance_min_fraction,
+          "--max-steps", args.qat_steps, "--ckpt-every", args.qat_steps,
           "--results-dir", shipped_dir, "--seed", args.seed, *QAT_TRAINING)
     return {"teacher": teacher_ckpt, "student": student_ckpt, "scratch": final_checkpoint(scratch_dir, student_steps),
             "fewstep": fewstep_ckpt, "shipped": final_checkpoint(shipped_dir, args.qat_steps)}
@@ -281,7 +283,9 @@ def write_report(args, checkpoints, timings, scores, exported, export_scores):
               "0-9.", "",
               f"Guidance: the teacher's classifier-free guidance (conditional and null batch: two forwards per step) "
               f"against the students that take w as an input (one forward per step at any w in "
-              f"{args.guidance_range}); the same labels and noise, {args.num_samples} samples per cell.", "",
+              f"{args.guidance_range}, trained with a share {args.guidance_min_fraction:g} of the examples at w = "
+              f"{args.guidance_range[0]:g}, the rest uniform); the same labels and noise, {args.num_samples} samples "
+              f"per cell.", "",
               *guidance_table(args, scores), "",
               "![loss curves](loss_curves.png)", "",
               f"Exported students, sampled with the standalone runner (run_exported.py: {args.sampler} "
@@ -331,10 +335,15 @@ def parse_args(argv=None):
     parser.add_argument("--fewstep-method", choices=list(FEWSTEP_METHOD_FLAGS), default="consistency",
                         help="step distillation of the distilled student into the shipped few-step model "
                              "(consistency: 13.2 Frechet at 4 steps where progressive reached 17.2, README)")
-    parser.add_argument("--fewstep-steps", type=positive_int, default=1200, help="its training steps")
+    parser.add_argument("--fewstep-steps", type=positive_int, default=900,
+                        help="its training steps (900 beat 600 and 1,200 at w = 1 and 1.5 on this job's student, "
+                             "README)")
     parser.add_argument("--fewstep-sampling-steps", type=positive_int, default=4, help="the steps it samples in")
     parser.add_argument("--guidance-range", type=non_negative_float, nargs=2, default=[1.0, 3.0],
                         metavar=("WMIN", "WMAX"), help="guidance scales folded into the few-step student (an input)")
+    parser.add_argument("--guidance-min-fraction", type=probability, default=0.75,
+                        help="share of the few-step and QAT training examples drawn at w = WMIN, the rest uniform "
+                             "over the range (0.75 kept w = 1 at the unguided student's Frechet distance, README)")
     parser.add_argument("--guidance-scales", type=non_negative_float, nargs="+", default=[1.5, 3.0],
                         help="w at which the teacher and the guided students are also scored (besides 1)")
     parser.add_argument("--qat-steps", type=positive_int, default=300,
