@@ -5,13 +5,12 @@
 Trains (with train.py --step-distillation; finished runs are reused) a progressive student of the teacher (rounds
 64 -> 32 -> ... -> 1, a checkpoint at the end of every round, so each round's student is a row), a consistency
 student, a guidance-distilled student, the one-step methods (DMD2 with and without its GAN term and at each
-real-score guidance scale of --dmd2-real-guidance, DMD2 warm-started from the consistency student on the 1-step grid,
-adversarial distillation), then samples every row for the same
+real-score guidance scale of --dmd2-real-guidance, DMD2 warm-started from the consistency student, adversarial
+distillation), then samples every row for the same
 labels and initial noise, scores it with evaluate.py's digits scorer (class accuracy, Frechet distance, precision,
 recall), and times it against the teacher's DDIM 50 in the same run. Rows:
 - the teacher at DDIM 50 (the reference) and at 1 / 2 / 4 / 8 DDIM steps on the trailing grid (training-free);
-- the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4 (the
-  warm-started DMD2 at 1);
+- the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4;
 - guidance: the teacher with classifier-free guidance (two forwards per step) against the guidance-distilled
   student (one forward, w as its input) at the same scales and steps;
 - tcd (OUT/tcd): the TCD student at 1 / 2 / 4 / 8 steps at each --tcd-gammas;
@@ -81,9 +80,9 @@ def dmd2_flags(args, gan=True, real_guidance=1.0, steps=None):
 
 
 def dmd2_warm_flags(args):
-    """DMD2 started from the consistency student (--generator-init) on the 1-step grid, without the GAN term: the
+    """DMD2 started from the consistency student (--generator-init) on the 4-point grid, without the GAN term: the
     generator already samples, so the fake score starts near it and the distribution matching refines it."""
-    return ["--step-distillation", "dmd2", "--sampling-steps", 1, "--max-steps", args.dmd2_warm_steps,
+    return ["--step-distillation", "dmd2", "--sampling-steps", 4, "--max-steps", args.dmd2_warm_steps,
             "--generator-init", final_checkpoint(os.path.join(args.out, "consistency"), args.steps),
             "--lr", args.dmd2_warm_lr, "--dmd2-fake-lr", args.dmd2_warm_fake_lr, "--ema-decay", args.ema_decay,
             "--dmd2-gan-generator-weight", 0, "--dmd2-gan-discriminator-weight", 0]
@@ -111,7 +110,7 @@ def one_step_runs(args):
                 runs[f"dmd2 real-score w={w:g} at {ablation} iterations"] = (
                     dmd2_flags(args, real_guidance=w, steps=ablation), f"dmd2_w{w:g}", ablation, ablation)
     if "dmd2" in args.methods and args.dmd2_warm_steps:
-        runs["dmd2 student from the consistency student (1-step grid, no GAN)"] = (
+        runs["dmd2 student from the consistency student (no GAN)"] = (
             dmd2_warm_flags(args), "dmd2_warm", args.dmd2_warm_steps, min(500, args.dmd2_warm_steps))
     if "adversarial" in args.methods:
         runs["adversarial student"] = (adversarial_flags(args), "adversarial", args.adversarial_steps,
@@ -358,9 +357,9 @@ def parse_args(argv=None):
     one.add_argument("--dmd2-ablation-steps", type=positive_int, default=500,
                      help="iterations of the ablation runs (no GAN, real-score guidance), compared with the main "
                           "run's checkpoint at the same count")
-    one.add_argument("--dmd2-warm-steps", type=int, default=2500,
-                     help="iterations of DMD2 warm-started from the consistency student (1-step grid, no GAN; 0: "
-                          "skip it; needs the consistency family)")
+    one.add_argument("--dmd2-warm-steps", type=int, default=1500,
+                     help="iterations of DMD2 warm-started from the consistency student (no GAN; 0: skip it; needs "
+                          "the consistency family)")
     one.add_argument("--dmd2-warm-lr", type=positive_float, default=1e-4, help="its generator's learning rate")
     one.add_argument("--dmd2-warm-fake-lr", type=positive_float, default=5e-4, help="its fake score's")
     one.add_argument("--adversarial-steps", type=positive_int, default=1000,
