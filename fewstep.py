@@ -238,7 +238,7 @@ def main(args):
     for steps in STEP_COUNTS:
         rows[f"teacher DDIM (trailing) {steps}"] = (teacher, teacher_data,
                                                     dict(sampler="ddim-trailing", num_sampling_steps=steps, **unguided))
-    students = {}  # row label -> (checkpoint, step counts, training steps)
+    students = {}  # row label -> (checkpoint, step counts (None: its grid's), training steps)
     if "progressive" in args.methods:
         round_length = progressive_steps // 6  # the N-step progressive student has trained every round down to N
         for steps in STEP_COUNTS:
@@ -247,8 +247,8 @@ def main(args):
                                                         f"({7 - steps.bit_length()} rounds)")
     if "consistency" in args.methods:
         students["consistency student"] = (consistency_ckpt, STEP_COUNTS, str(args.steps))
-    for label, (ckpt, steps) in one_step.items():  # each at the step counts of its own grid (1, 2, 4 or 1)
-        students[label] = (ckpt, tuple(load_dit_checkpoint(ckpt)[1]["sampling"]["steps"]), str(steps))
+    for label, (ckpt, steps) in one_step.items():  # None: the step counts of its own grid (1, 2, 4 or 1)
+        students[label] = (ckpt, None, str(steps))
     if "tcd" in args.methods:
         tcd_model, tcd_data = load_dit_checkpoint(tcd_run(args))
         for gamma in args.tcd_gammas:
@@ -267,7 +267,7 @@ def main(args):
                 for steps in STEP_COUNTS} if "tcd" in args.methods else {}
     for label, (ckpt, step_counts, trained) in students.items():
         model, data = load_dit_checkpoint(ckpt)
-        for steps in step_counts:
+        for steps in step_counts or data["sampling"]["steps"]:
             name = label if label.startswith("progressive") else f"{label} {steps}"
             rows[name] = (model, data, dict(sampler=None, num_sampling_steps=steps, **unguided))
             training[name] = trained

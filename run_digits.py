@@ -5,16 +5,16 @@
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
 --distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
 student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 3
---guidance-min-fraction 0.75: 4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills that into the shipped model
-(train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all five with the same classes and
-initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two forwards per step) and the guided
-students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. exports the distilled, the few-step and the shipped
-student (export.py: fp32, int8 (post-training for the first two, the learned full INT8 of the shipped one), fp16) and
-scores samples made through every exported file (run_exported.py), 9. writes report.md, a side-by-side grid and the
-loss curves into --out. The diffusion models sample with --sampler (DPM-Solver++ 2M, 20 steps: DDIM 50's quality in
-2.5x fewer forwards; samplers.py's table on this job's teacher and student, README "Fast samplers", which is not part
-of this job: it does not change what the job ships). Every step is reused when its output already
-exists, so rerunning after a stop continues where it stopped.
+--guidance-min-fraction 0.75: 4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills
+that into the shipped model (train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all
+five with the same classes and initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two
+forwards per step) and the guided students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. exports the
+distilled, the few-step and the shipped student (export.py: fp32, int8 (post-training for the first two, the learned
+full INT8 of the shipped one), fp16) and scores samples made through every exported file (run_exported.py), 9.
+writes report.md, a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler
+(DPM-Solver++ 2M, 20 steps: DDIM 50's quality in 2.5x fewer forwards; samplers.py's table on this job's teacher and
+student, README "Fast samplers", is not part of this job: it does not change what the job ships). Every step is
+reused when its output already exists, so rerunning after a stop continues where it stopped.
 """
 import argparse
 import json
