@@ -50,6 +50,12 @@ def teacher_identity(path, data, model):
                 method=data["sampling"]["method"])
 
 
+def without_path(entry):
+    """A meta.json entry as compared on resume: the teacher is its file's content (sha256, step, config, method),
+    not where it lies, so a copied or moved checkpoint resumes its pairs."""
+    return {k: v for k, v in entry.items() if k != "path"} if isinstance(entry, dict) else entry
+
+
 def prepare_folder(out, meta):
     """Create out with meta.json, or check that the pairs already there were made by the same teacher and settings."""
     path = os.path.join(out, PAIRS_META)
@@ -57,7 +63,7 @@ def prepare_folder(out, meta):
         with open(path) as f:
             saved = json.load(f)
         changed = [f"{key}: {saved.get(key)!r} -> {meta[key]!r}" for key in ("teacher", "settings")
-                   if saved.get(key) != meta[key]]
+                   if without_path(saved.get(key)) != without_path(meta[key])]
         if changed:
             raise UserError(f"{out} holds pairs of another teacher or settings ({'; '.join(changed)}) - rerun with "
                             f"that run's --ckpt and settings to resume it, or choose a new --out")

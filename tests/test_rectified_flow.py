@@ -151,6 +151,9 @@ def test_pair_writer_resumes_after_a_kill_and_refuses_a_busy_folder(pairs, teach
     with lock_folder(str(folder), "--out"):
         busy = run_script("reflow_pairs.py", *pair_args(teachers[0], folder), check=False)
     assert busy.returncode == 1 and "in use by" in busy.stderr and "Traceback" not in busy.stderr
+    moved = tmp_path / "moved.pt"
+    shutil.copyfile(teachers[0], moved)  # the same teacher elsewhere: its pairs are found finished, not refused
+    assert "already in" in run_script("reflow_pairs.py", *pair_args(str(moved), folder)).stdout
     other = run_script("reflow_pairs.py", *pair_args(teachers[1], folder), check=False)
     assert other.returncode == 1 and "pairs of another teacher or settings" in other.stderr
     stochastic = run_script("reflow_pairs.py", *pair_args(teachers[0], tmp_path / "s")[:-4], "--sampler", "ddpm",
