@@ -117,6 +117,12 @@ def guidance_loss(student, teacher, x0, y, noise, t, w):
 #                         Students and the methods' state                       #
 #################################################################################
 
+def share_at_zero(u, p):
+    """u, uniform on [0, 1), made 0 for its share p (u < p) and uniform on [0, 1) again for the rest: a draw that is a
+    function of the same uniform whatever p, so resume and the split over processes hold as before."""
+    return ((u - p) / (1 - p)).clamp(min=0) if p < 1 else torch.zeros_like(u)
+
+
 def make_student(teacher, teacher_parametrisation, parametrisation, guidance):
     """A trainable copy of the teacher that predicts in `parametrisation`, with a zero-initialised w-embedding if
     `guidance`. An eps teacher becoming x-eps keeps its eps channels; its variance channels (or, without learned
@@ -267,8 +273,7 @@ class StepDistillation(TrainingMethod):
         if not self.guidance_range:
             return None, draws["drop"]
         low, high = self.guidance_range
-        u, p = draws["w_uniform"], self.args.guidance_min_fraction
-        spread = ((u - p) / (1 - p)).clamp(min=0) if p < 1 else torch.zeros_like(u)  # uniform on [0, 1) above p
+        spread = share_at_zero(draws["w_uniform"], self.args.guidance_min_fraction)
         return low + (high - low) * spread, torch.zeros_like(draws["drop"])
 
     def describe(self):
@@ -392,7 +397,7 @@ class TrajectoryConsistencyDistillation(ConsistencyDistillation):
     (sampling.tcd_sample) at --tcd-gamma by default."""
     name = "tcd"
     summary = "trajectory consistency distillation with strategic stochastic sampling (Zheng et al. 2024)"
-    flags = ("tcd_gamma",) + ConsistencyDistillation.flags
+    flags = ("tcd_gamma", "tcd_clean_fraction") + ConsistencyDistillation.flags
 
     @staticmethod
     def add_args(parser):
@@ -403,6 +408,11 @@ class TrajectoryConsistencyDistillation(ConsistencyDistillation):
                            help="stochasticity gamma of strategic stochastic sampling that the checkpoint records as "
                                 "its default (0: deterministic, 1: multistep consistency sampling; diffusers' "
                                 "default 0.3); sampling only, training does not use it (sample.py --gamma overrides)")
+        group.add_argument("--tcd-clean-fraction", type=number_in(float, 0, 1), default=0.0, metavar="P",
+                           help="share of each batch whose jump target s is the clean end (the consistency function), "
+                                "the rest uniform over the grid points 0 ... n as the paper draws it (0: the paper; "
+                                "1: consistency distillation). Not in Zheng et al.: the last step of every sampler "
+                                "jumps to the clean end, which uniform s trains in about 1 example in 10")
 
     def randomness(self, generator, batch, shape):
         """Consistency's draws and a uniform for the jump target s."""
@@ -410,10 +420,16 @@ class TrajectoryConsistencyDistillation(ConsistencyDistillation):
         draws["s_uniform"] = torch.rand(batch, generator=generator)
         return draws
 
+    def jump_index(self, u, index):
+        """s's grid index (N,): 0 (the clean end) for the share --tcd-clean-fraction of u, the rest uniform in
+        [0, index]."""
+        spread = share_at_zero(u, self.args.tcd_clean_fraction)
+        return torch.minimum((spread * (index + 1)).long(), index)
+
     def loss(self, update, nets, x0, y, draws, autocast):
         w, drop = self.guidance(draws)
         index = self.grid_index(draws)
-        s_index = torch.minimum((draws["s_uniform"] * (index + 1)).long(), index)  # uniform in [0, index]
+        s_index = self.jump_index(draws["s_uniform"], index)
         with autocast:
             loss = trajectory_consistency_loss(nets["student"], nets["target"], nets["teacher"],
                                                self.teacher_parametrisation, x0, y, draws["noise"], index, s_index,

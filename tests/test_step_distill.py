@@ -315,6 +315,25 @@ def test_guidance_min_fraction_draws_wmin_for_that_share_and_uniform_w_for_the_r
         assert abs((rest < 2).float().mean().item() - 0.5) < 0.02
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_tcd_clean_fraction_sends_that_share_to_the_clean_end_and_the_rest_uniform(fraction, teacher_ckpt, tmp_path):
+    import train
+    args = train.parse_args([str(a) for a in step_args("tcd", teacher_ckpt, tmp_path, "--tcd-clean-fraction",
+                                                       fraction)])
+    data = dict(image_size=8, latent=False, vae=None, input_size=8, in_channels=1, num_classes=10)
+    method = train.build_run(args, data, torch.device("cpu"), world_size=1).method
+    u = method.randomness(torch.Generator().manual_seed(0), 20000, (1, 8, 8))["s_uniform"]
+    index = torch.full((20000,), 9)
+    s_index = method.jump_index(u, index)
+    if fraction == 0:  # the paper's draw: uniform over the grid points 0 ... n
+        assert torch.equal(s_index, torch.minimum((u * 10).long(), index))
+    assert abs((s_index == 0).float().mean().item() - (fraction + (1 - fraction) / 10)) < 0.01
+    counts = torch.bincount(s_index[s_index > 0], minlength=10)[1:].float()
+    assert s_index.max() == 9 and counts.min() / counts.max() > 0.85  # 1 ... 9 equally often
+    small = method.jump_index(u[:6], torch.tensor([0, 0, 1, 2, 3, 4]))
+    assert (small >= 0).all() and (small <= torch.tensor([0, 0, 1, 2, 3, 4])).all()
+
+
 def test_sample_ddp_uses_the_checkpoints_sampler(students, tmp_path):
     import json
     ckpt = students["consistency"]
