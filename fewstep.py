@@ -13,7 +13,8 @@ recall), and times it against the teacher's DDIM 50 in the same run. Rows:
 - the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4;
 - guidance: the teacher with classifier-free guidance (two forwards per step) against the guidance-distilled
   student (one forward, w as its input) at the same scales and steps;
-- tcd (OUT/tcd): the TCD student at 1 / 2 / 4 / 8 steps at each --tcd-gammas;
+- tcd (OUT/tcd, OUT/tcd_clean{P}): a TCD student for each --tcd-clean-fractions at 1 / 2 / 4 / 8 steps at each
+  --tcd-gammas;
 - reflow (OUT/reflow): reflow_pairs.py writes --reflow-pairs teacher ODE pairs (OUT/pairs/teacher), the reflow
   student trains on them and samples with Euler at 1 / 2 / 4 / 8 steps, beside the teacher's own ODE as a velocity
   model at the same Euler steps; instaflow (OUT/instaflow): pairs of the reflowed model's Euler
@@ -123,14 +124,22 @@ def one_step_runs(args):
             for label, (_, folder, steps, _) in runs.items()}
 
 
-def tcd_run(args):
-    """The TCD student (OUT/tcd): consistency's flags and grid, trained --tcd-steps steps."""
-    results_dir = os.path.join(args.out, "tcd")
-    if not os.path.exists(final_checkpoint(results_dir, args.tcd_steps)):
-        run("train.py", "--step-distillation", "tcd", "--sampling-steps", 4, "--max-steps", args.tcd_steps,
-            "--ema-decay", args.ema_decay, "--ckpt-every", args.tcd_steps, "--results-dir", results_dir,
-            *common_flags(args), "--lr", args.lr)
-    return final_checkpoint(results_dir, args.tcd_steps)
+def tcd_label(fraction):
+    return "tcd student" if fraction == 0 else f"tcd student, clean share {fraction:g}"
+
+
+def tcd_runs(args):
+    """{--tcd-clean-fractions P: checkpoint} of the TCD students (OUT/tcd for the paper's P = 0, OUT/tcd_clean{P}
+    otherwise): consistency's flags and grid, trained --tcd-steps steps."""
+    runs = {}
+    for fraction in args.tcd_clean_fractions:
+        results_dir = os.path.join(args.out, "tcd" if fraction == 0 else f"tcd_clean{fraction:g}")
+        if not os.path.exists(final_checkpoint(results_dir, args.tcd_steps)):
+            run("train.py", "--step-distillation", "tcd", "--sampling-steps", 4, "--max-steps", args.tcd_steps,
+                "--ema-decay", args.ema_decay, "--ckpt-every", args.tcd_steps, "--results-dir", results_dir,
+                "--tcd-clean-fraction", fraction, *common_flags(args), "--lr", args.lr)
+        runs[fraction] = final_checkpoint(results_dir, args.tcd_steps)
+    return runs
 
 
 def rectified_flow_runs(args):
@@ -249,12 +258,15 @@ def main(args):
         students["consistency student"] = (consistency_ckpt, STEP_COUNTS, str(args.steps))
     for label, (ckpt, steps) in one_step.items():  # None: the step counts of its own grid (1, 2, 4 or 1)
         students[label] = (ckpt, None, str(steps))
-    if "tcd" in args.methods:
-        tcd_model, tcd_data = load_dit_checkpoint(tcd_run(args))
+    training = {}
+    for fraction, ckpt in (tcd_runs(args) if "tcd" in args.methods else {}).items():
+        tcd_model, tcd_data = load_dit_checkpoint(ckpt)
         for gamma in args.tcd_gammas:
             for steps in STEP_COUNTS:
-                rows[f"tcd student gamma={gamma:g} {steps}"] = (tcd_model, tcd_data, dict(
-                    sampler=None, num_sampling_steps=steps, gamma=gamma, **unguided))
+                name = f"{tcd_label(fraction)} gamma={gamma:g} {steps}"
+                rows[name] = (tcd_model, tcd_data, dict(sampler=None, num_sampling_steps=steps, gamma=gamma,
+                                                        **unguided))
+                training[name] = str(args.tcd_steps)
     flow_runs = rectified_flow_runs(args) if {"reflow", "instaflow"} & set(args.methods) else {}
     if flow_runs:
         for steps in STEP_COUNTS:
@@ -263,8 +275,6 @@ def main(args):
         students["reflow student (Euler)"] = (flow_runs["reflow"][0], STEP_COUNTS, str(flow_runs["reflow"][1]))
     if "instaflow" in flow_runs:
         students["instaflow student"] = (flow_runs["instaflow"][0], (1,), str(flow_runs["instaflow"][1]))
-    training = {f"tcd student gamma={gamma:g} {steps}": str(args.tcd_steps) for gamma in args.tcd_gammas
-                for steps in STEP_COUNTS} if "tcd" in args.methods else {}
     for label, (ckpt, step_counts, trained) in students.items():
         model, data = load_dit_checkpoint(ckpt)
         for steps in step_counts or data["sampling"]["steps"]:
@@ -368,8 +378,11 @@ def parse_args(argv=None):
     one.add_argument("--adversarial-lr", type=positive_float, default=2e-4, help="its learning rate")
     flow = parser.add_argument_group("tcd and rectified flow")
     flow.add_argument("--tcd-steps", type=positive_int, default=1000, help="TCD training steps")
-    flow.add_argument("--tcd-gammas", type=probability, nargs="+", default=[0.0, 0.3, 0.5],
+    flow.add_argument("--tcd-gammas", type=probability, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5],
                       help="TCD sampling stochasticities scored (0.3: its default)")
+    flow.add_argument("--tcd-clean-fractions", type=probability, nargs="+", default=[0.0],
+                      help="a TCD student for each share of jump targets at the clean end (train.py "
+                           "--tcd-clean-fraction; 0: the paper's uniform s)")
     flow.add_argument("--reflow-pairs", type=positive_int, default=5000, help="teacher ODE pairs of reflow")
     flow.add_argument("--reflow-pair-sampler", default="dpm++2m", help="the teacher's ODE solver for them")
     flow.add_argument("--reflow-pair-steps", type=positive_int, default=20,
