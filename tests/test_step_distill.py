@@ -295,14 +295,19 @@ def test_guidance_distilled_student_takes_w_in_one_forward(students):
         sample.generate(model, data, [1], cfg_scale=4.0, progress=False)
 
 
+def built_method(argv):
+    """The training method train.py builds from argv on a digits-shaped data set, without training."""
+    import train
+    args = train.parse_args([str(a) for a in argv])
+    data = dict(image_size=8, latent=False, vae=None, input_size=8, in_channels=1, num_classes=10)
+    return train.build_run(args, data, torch.device("cpu"), world_size=1).method
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
 def test_guidance_min_fraction_draws_wmin_for_that_share_and_uniform_w_for_the_rest(fraction, teacher_ckpt,
                                                                                     tmp_path):
-    import train
-    args = train.parse_args([str(a) for a in step_args("consistency", teacher_ckpt, tmp_path, "--guidance-range", 1,
-                                                       3, "--guidance-min-fraction", fraction)])
-    data = dict(image_size=8, latent=False, vae=None, input_size=8, in_channels=1, num_classes=10)
-    method = train.build_run(args, data, torch.device("cpu"), world_size=1).method
+    method = built_method(step_args("consistency", teacher_ckpt, tmp_path, "--guidance-range", 1, 3,
+                                    "--guidance-min-fraction", fraction))
     draws = method.randomness(torch.Generator().manual_seed(0), 20000, (1, 8, 8))
     w, drop = method.guidance(draws)
     assert not drop.any()  # every label kept: w = 1 is the conditional model
@@ -317,11 +322,7 @@ def test_guidance_min_fraction_draws_wmin_for_that_share_and_uniform_w_for_the_r
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25])
 def test_tcd_clean_fraction_sends_that_share_to_the_clean_end_and_the_rest_uniform(fraction, teacher_ckpt, tmp_path):
-    import train
-    args = train.parse_args([str(a) for a in step_args("tcd", teacher_ckpt, tmp_path, "--tcd-clean-fraction",
-                                                       fraction)])
-    data = dict(image_size=8, latent=False, vae=None, input_size=8, in_channels=1, num_classes=10)
-    method = train.build_run(args, data, torch.device("cpu"), world_size=1).method
+    method = built_method(step_args("tcd", teacher_ckpt, tmp_path, "--tcd-clean-fraction", fraction))
     u = method.randomness(torch.Generator().manual_seed(0), 20000, (1, 8, 8))["s_uniform"]
     index = torch.full((20000,), 9)
     s_index = method.jump_index(u, index)
