@@ -1,7 +1,6 @@
 """What the digits experiments share (run_digits.py, fewstep.py, samplers.py, ablation.py; bench.py's timing loop).
 
-- run: one of the project's scripts as a user would run it (start / finish: beside this process); final_checkpoint:
-  where a run's last checkpoint lies.
+- run: one of the project's scripts as a user would run it; final_checkpoint: where a run's last checkpoint lies.
 - The digits models and training flags of the main job, which ablation.py repeats.
 - Rows {name: (model, data, settings for sample.generate)}: every row sampled for the same labels from the same
   initial noise, scored by evaluate.py's digits scorer, and timed side by side (evaluate_rows, time_sampling).
@@ -38,33 +37,7 @@ def run(script, *arguments):
     fails stops the job (its own error line is above)."""
     command = [sys.executable, os.path.join(ROOT, script), *map(str, arguments)]
     print("$ " + " ".join(command[1:]), flush=True)
-    finish(subprocess.Popen(command), script)
-
-
-def start(script, *arguments, threads, output):
-    """One of the project's scripts started beside this process with `threads` CPU threads (OMP_NUM_THREADS), its
-    console output (progress bars, errors) written to the file `output`; `finish` waits for it. Stop it
-    (stop_quietly) if this process fails first."""
-    command = [sys.executable, os.path.join(ROOT, script), *map(str, arguments)]
-    print(f"$ OMP_NUM_THREADS={threads} " + " ".join(command[1:]) + f" > {output} 2>&1 &", flush=True)
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "w") as log:  # the child holds its own copy of the file
-        child = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log,
-                                 stderr=subprocess.STDOUT)
-    child.output = output
-    return child
-
-
-def stop_quietly(child):
-    """SIGTERM to a child of `start` still running, and wait for it (a rerun resumes it: train.py's checkpoints are
-    written atomically)."""
-    if child.poll() is None:
-        child.terminate()
-        child.wait()
-
-
-def finish(child, script):
-    """Wait for a child of `run` or `start`, as `run` does: SIGTERM / SIGINT received meanwhile go to it too."""
+    child = subprocess.Popen(command)
     received = []
 
     def forward(signum, frame):  # no wait() in here: the interrupted child.wait() below holds its lock
@@ -79,8 +52,7 @@ def finish(child, script):
     if received:
         sys.exit(128 + received[0])
     if returncode:
-        where = f"in {child.output}" if getattr(child, "output", None) else "above"
-        raise UserError(f"{script} failed (exit status {returncode}) - see its message {where}; rerunning the same "
+        raise UserError(f"{script} failed (exit status {returncode}) - see its message above; rerunning the same "
                         f"command reuses the finished steps")
 
 

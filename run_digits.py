@@ -3,16 +3,15 @@
     python run_digits.py --out results/digits
 
 1. trains a digits teacher (train.py), 2. distills a student through warmup -> feature -> joint (train.py
---distillation), 3. step-distills the distilled student into a few-step model with guidance folded in (train.py
---step-distillation consistency --guidance-range 1 3 --guidance-min-fraction 0.75: 4 steps, one forward per step at
-any w, OUT/fewstep), 4. quantization-aware distills that into the shipped model (train.py --step-distillation qat:
-INT8 on every Linear, OUT/shipped), 5. trains the same student from scratch for the distilled student's steps, in a
-process of its own (half the CPU threads) beside steps 6 and 7, which leave a core mostly idle, 6. exports the
+--distillation), 3. trains the same student from scratch for the same number of steps, 4. step-distills the distilled
+student into a few-step model with guidance folded in (train.py --step-distillation consistency --guidance-range 1 3
+--guidance-min-fraction 0.75: 4 steps, one forward per step at any w, OUT/fewstep), 5. quantization-aware distills
+that into the shipped model (train.py --step-distillation qat: INT8 on every Linear, OUT/shipped), 6. samples all
+five with the same classes and initial noise (teacher.npz, ..., shipped.npz), unguided, and the teacher (two
+forwards per step) and the guided students (one) at w = 1.5 and 3, 7. scores them (evaluate.py), 8. exports the
 distilled, the few-step and the shipped student (export.py: fp32, int8 (post-training for the first two, the learned
-full INT8 of the shipped one), fp16) and samples every exported file (run_exported.py), 7. samples the teacher (two
-forwards per step) and the guided students (one) at w = 1.5 and 3, 8. samples all five models unguided with the same
-classes and initial noise (teacher.npz, ..., shipped.npz) and times them side by side, 9. scores every set of samples
-(evaluate.py) and writes report.md, a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler
+full INT8 of the shipped one), fp16) and scores samples made through every exported file (run_exported.py), 9.
+writes report.md, a side-by-side grid and the loss curves into --out. The diffusion models sample with --sampler
 (DPM-Solver++ 2M, 20 steps: DDIM 50's quality in 2.5x fewer forwards; samplers.py's table on this job's teacher and
 student, README "Fast samplers", is not part of this job: it does not change what the job ships). Every step is
 reused when its output already exists, so rerunning after a stop continues where it stopped.
@@ -27,7 +26,7 @@ import torch
 
 from checks import non_negative_float, non_negative_int, positive_int, probability, run_script, write_atomically
 from experiments import (STUDENT, TEACHER, TRAINING, digits_labels, export_runtime, exported_metadata,
-                         final_checkpoint, finish, run, start, stop_quietly, time_exports, time_sampling)
+                         final_checkpoint, run, time_exports, time_sampling)
 
 # Step distillation of the distilled student into the shipped few-step model: fine-tuning from its own weights, at half
 # the learning rate; the EMA's time constant (100 steps) also stays well below a progressive round.
@@ -40,20 +39,19 @@ GUIDED_NAMES = ("teacher", "fewstep", "shipped")  # sampled at --guidance-scales
 
 
 STAGE_SECONDS = {}  # wall time of each stage of this run (a reused stage: the time to find it done), for the report
-SCRATCH_STAGE = "train scratch student (beside the next three stages; its own wall time, not part of the total)"
 
 
 def timed(stage, function, *arguments):
-    began = time.time()
+    start = time.time()
     result = function(*arguments)
-    STAGE_SECONDS[stage] = STAGE_SECONDS.get(stage, 0.0) + time.time() - began
+    STAGE_SECONDS[stage] = STAGE_SECONDS.get(stage, 0.0) + time.time() - start
     return result
 
 
 def train_models(args):
-    """Teacher, distilled student, the few-step student (the distilled student, step-distilled with guidance folded
-    in) and the shipped one (that, quantization-aware distilled); train.py resumes or skips what is already done.
-    Returns their checkpoints and the scratch student's (start_scratch_student trains it later)."""
+    """Teacher, distilled student, scratch student, the few-step student (the distilled student, step-distilled with
+    guidance folded in) and the shipped one (that, quantization-aware distilled); train.py resumes or skips what is
+    already done."""
     teacher_dir, student_dir, scratch_dir = (os.path.join(args.out, n) for n in ("teacher", "student", "scratch"))
     student_steps = args.warmup_steps + args.feature_steps + args.joint_steps
     timed("train teacher", run, "train.py", "--model", TEACHER, "--max-steps", args.teacher_steps,
@@ -63,6 +61,8 @@ def train_models(args):
           "--teacher-ckpt", teacher_ckpt, "--student-model", STUDENT, "--warmup-steps", args.warmup_steps,
           "--feature-steps", args.feature_steps, "--joint-steps", args.joint_steps, "--ckpt-every", student_steps,
           "--results-dir", student_dir, "--seed", args.seed, *TRAINING)
+    timed("train scratch student", run, "train.py", "--model", STUDENT, "--max-steps", student_steps,
+          "--ckpt-every", student_steps, "--results-dir", scratch_dir, "--seed", args.seed, *TRAINING)
     student_ckpt = final_checkpoint(student_dir, student_steps)
     fewstep_dir = os.path.join(args.out, "fewstep")
     timed("train few-step student", run, "train.py", "--step-distillation", args.fewstep_method,
@@ -79,16 +79,6 @@ def train_models(args):
           "--results-dir", shipped_dir, "--seed", args.seed, *QAT_TRAINING)
     return {"teacher": teacher_ckpt, "student": student_ckpt, "scratch": final_checkpoint(scratch_dir, student_steps),
             "fewstep": fewstep_ckpt, "shipped": final_checkpoint(shipped_dir, args.qat_steps)}
-
-
-def start_scratch_student(args):
-    """The same student from scratch for the distilled student's steps, started beside the exports and the guided
-    samples (`finish` it before its samples): it needs no teacher, and those stages leave a core mostly idle."""
-    steps = args.warmup_steps + args.feature_steps + args.joint_steps
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    return start("train.py", "--model", STUDENT, "--max-steps", steps, "--ckpt-every", steps,
-                 "--results-dir", os.path.join(args.out, "scratch"), "--seed", args.seed, *TRAINING, threads=threads,
-                 output=os.path.join(args.out, "scratch_console.txt"))
 
 
 def sample_all(args, checkpoints):
@@ -370,26 +360,17 @@ def parse_args(argv=None):
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
-    began = time.time()
+    start = time.time()
     checkpoints = train_models(args)
-    scratch, scratch_start = start_scratch_student(args), time.time()
-    STAGE_SECONDS[SCRATCH_STAGE] = 0.0  # its row goes here; its time when it has finished
-    try:
-        exported = timed("export", export_students, args, checkpoints)
-        export_scores = timed("sample and score the exported files", score_exports, args, exported)
-        guided = timed("sample guided", sample_guided, args, checkpoints)
-    except BaseException:
-        stop_quietly(scratch)
-        raise
-    timed("wait for the scratch student", finish, scratch, "train.py")
-    STAGE_SECONDS[SCRATCH_STAGE] = time.time() - scratch_start
     timings = timed("sample (unguided, timed)", sample_all, args, checkpoints)
-    scores = timed("score", score_all, args, guided)
+    scores = timed("sample guided, score", lambda: score_all(args, sample_guided(args, checkpoints)))
+    exported = timed("export", export_students, args, checkpoints)
+    export_scores = timed("sample and score the exported files", score_exports, args, exported)
     for name, ratios in timed("time the exported files", time_exports, exported).items():
         export_scores[name]["latency_vs_fp32"] = ratios
     save_comparison_grid(args)
     save_loss_curves(args)
-    STAGE_SECONDS["total (to the report)"] = time.time() - began
+    STAGE_SECONDS["total (to the report)"] = time.time() - start
     report = write_report(args, checkpoints, timings, scores, exported, export_scores)
     print(open(report).read())
 

@@ -213,21 +213,3 @@ def test_experiments_run_forwards_sigterm_to_its_child(tmp_path):
     assert parent.wait(timeout=30) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # the child is gone (and reaped by its parent)
         os.kill(child, 0)
-
-
-def test_experiments_start_runs_beside_and_finish_reports_where_its_output_went(tmp_path):
-    import experiments
-    from checks import UserError
-    failing = tmp_path / "failing.py"
-    failing.write_text("import os, sys\nprint('threads', os.environ['OMP_NUM_THREADS'])\nsys.exit('bad input')\n")
-    output = tmp_path / "logs" / "failing.txt"
-    child = experiments.start(str(failing), threads=3, output=str(output))
-    with pytest.raises(UserError, match=f"failing.py failed \\(exit status 1\\) - see its message in {output}"):
-        experiments.finish(child, "failing.py")
-    assert output.read_text().splitlines() == ["threads 3", "bad input"]
-    sleeper = tmp_path / "sleeper.py"
-    sleeper.write_text("import time\ntime.sleep(60)\n")
-    child = experiments.start(str(sleeper), threads=1, output=str(tmp_path / "sleeper.txt"))
-    began = time.time()
-    experiments.stop_quietly(child)  # a stage beside it failed: the child is stopped and reaped
-    assert child.returncode == -signal.SIGTERM and time.time() - began < 30
