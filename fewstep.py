@@ -6,11 +6,12 @@ Trains (with train.py --step-distillation; finished runs are reused) a progressi
 64 -> 32 -> ... -> 1, a checkpoint at the end of every round, so each round's student is a row), a consistency
 student, a guidance-distilled student, the one-step methods (DMD2 with and without its GAN term and at each
 real-score guidance scale of --dmd2-real-guidance, DMD2 warm-started from the consistency student, adversarial
-distillation), then samples every row for the same
+distillation from the teacher and LADD from the consistency student at 1 step), then samples every row for the same
 labels and initial noise, scores it with evaluate.py's digits scorer (class accuracy, Frechet distance, precision,
 recall), and times it against the teacher's DDIM 50 in the same run. Rows:
 - the teacher at DDIM 50 (the reference) and at 1 / 2 / 4 / 8 DDIM steps on the trailing grid (training-free);
-- the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4;
+- the progressive and the consistency students at 1 / 2 / 4 / 8 steps; DMD2 and adversarial at 1 / 2 / 4, the
+  warm-started LADD student (OUT/adversarial_warm) at 1;
 - guidance: the teacher with classifier-free guidance (two forwards per step) against the guidance-distilled
   student (one forward, w as its input) at the same scales and steps;
 - tcd (OUT/tcd, OUT/tcd_clean{P}): a TCD student for each --tcd-clean-fractions at 1 / 2 / 4 / 8 steps at each
@@ -94,6 +95,16 @@ def adversarial_flags(args):
             "--lr", args.adversarial_lr, "--ema-decay", args.ema_decay, "--adversarial-max-t", args.dmd2_gan_max_t]
 
 
+def adversarial_warm_flags(args):
+    """LADD (no distillation term, softplus losses) started from the consistency student on the 1-step grid, the
+    discriminator's noise below t = 250 (above it the teacher's features cannot tell the two apart, README) and the
+    student and discriminator heads at one small learning rate; EMA 0.99, since the run is short."""
+    return ["--step-distillation", "adversarial", "--sampling-steps", 1, "--max-steps", args.adversarial_warm_steps,
+            "--generator-init", final_checkpoint(os.path.join(args.out, "consistency"), args.steps),
+            "--adversarial-distill-weight", 0, "--adversarial-loss", "softplus", "--adversarial-max-t", 250,
+            "--lr", args.adversarial_warm_lr, "--adversarial-disc-lr", args.adversarial_warm_lr, "--ema-decay", 0.99]
+
+
 def one_step_runs(args):
     """{row label: (checkpoint, training steps)} of the one-step methods: DMD2, its ablations at
     --dmd2-ablation-steps iterations (without its GAN term, as the paper's ablation, and at each further real-score
@@ -116,6 +127,9 @@ def one_step_runs(args):
     if "adversarial" in args.methods:
         runs["adversarial student"] = (adversarial_flags(args), "adversarial", args.adversarial_steps,
                                        args.adversarial_steps)
+    if "adversarial" in args.methods and args.adversarial_warm_steps:
+        runs["adversarial (LADD) student from the consistency student"] = (
+            adversarial_warm_flags(args), "adversarial_warm", args.adversarial_warm_steps, args.adversarial_warm_steps)
     for flags, folder, steps, every in runs.values():
         results_dir = os.path.join(args.out, folder)
         if not os.path.exists(final_checkpoint(results_dir, steps)):
@@ -377,6 +391,11 @@ def parse_args(argv=None):
                      help="adversarial distillation steps (each updates the student: 5x DMD2's 1,000 iterations' "
                           "200 generator updates)")
     one.add_argument("--adversarial-lr", type=positive_float, default=2e-4, help="its learning rate")
+    one.add_argument("--adversarial-warm-steps", type=int, default=200,
+                     help="steps of LADD warm-started from the consistency student at 1 step (0: skip it; needs "
+                          "consistency in --methods). Short on purpose: README measures it getting worse after 200")
+    one.add_argument("--adversarial-warm-lr", type=positive_float, default=1e-5,
+                     help="its student's and discriminator's learning rate")
     flow = parser.add_argument_group("tcd and rectified flow")
     flow.add_argument("--tcd-steps", type=positive_int, default=1000, help="TCD training steps")
     flow.add_argument("--tcd-gammas", type=probability, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5],
@@ -414,6 +433,11 @@ def parse_args(argv=None):
     if "dmd2" in args.methods and args.dmd2_warm_steps and "consistency" not in args.methods:
         parser.error("the warm-started DMD2 run starts from the consistency student: add consistency to --methods "
                      "or pass --dmd2-warm-steps 0")
+    if "adversarial" in args.methods and args.adversarial_warm_steps < 0:
+        parser.error(f"--adversarial-warm-steps {args.adversarial_warm_steps}: give 0 (skip) or a positive count")
+    if "adversarial" in args.methods and args.adversarial_warm_steps and "consistency" not in args.methods:
+        parser.error("the warm-started adversarial run starts from the consistency student: add consistency to "
+                     "--methods or pass --adversarial-warm-steps 0")
     return args
 
 

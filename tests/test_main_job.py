@@ -108,9 +108,9 @@ def test_fewstep_table_has_every_row(tmp_path):
     run("fewstep.py", "--teacher-ckpt", str(teacher / "checkpoints" / "0000002.pt"), "--out", str(tmp_path / "fs"),
         "--steps", "6", "--guidance-steps", "2", "--dmd2-steps", "5", "--dmd2-ablation-steps", "5",
         "--dmd2-warm-steps", "2",
-        "--adversarial-steps", "2", "--tcd-steps", "2", "--tcd-gammas", "0", "0.3", "--tcd-clean-fractions", "0",
-        "0.5", "--reflow-pairs", "20", "--reflow-pair-steps", "2", "--reflow-steps", "2", "--instaflow-pairs", "20",
-        "--instaflow-pair-steps", "2", "--instaflow-steps", "2", "--straightness-steps", "4",
+        "--adversarial-steps", "2", "--adversarial-warm-steps", "2", "--tcd-steps", "2", "--tcd-gammas", "0", "0.3",
+        "--tcd-clean-fractions", "0", "0.5", "--reflow-pairs", "20", "--reflow-pair-steps", "2", "--reflow-steps", "2",
+        "--instaflow-pairs", "20", "--instaflow-pair-steps", "2", "--instaflow-steps", "2", "--straightness-steps", "4",
         "--num-samples", "10", "--timing-samples", "2")  # every method family (the default --methods)
     table = (tmp_path / "fs" / "fewstep.md").read_text()
     for row in ("| teacher DDIM | 50 | 50 | 1.000 |", "| teacher DDIM (trailing) | 1 | 1 |",
@@ -118,7 +118,9 @@ def test_fewstep_table_has_every_row(tmp_path):
                 "| dmd2 without GAN at 5 iterations | 2 | 2 |", "| dmd2 real-score w=1.5 at 5 iterations | 4 | 4 |",
                 "| dmd2 student at 5 iterations | 1 | 1 |",
                 "| dmd2 student from the consistency student (no GAN) | 4 | 4 |",
-                "| adversarial student | 1 | 1 |", "| dmd2 | student, fake_score, discriminator / teacher |",
+                "| adversarial student | 1 | 1 |",
+                "| adversarial (LADD) student from the consistency student | 1 | 1 |",
+                "| dmd2 | student, fake_score, discriminator / teacher |",
                 "| tcd student gamma=0 | 1 | 1 |", "| tcd student gamma=0.3 | 8 | 8 |",
                 "| tcd student, clean share 0.5 gamma=0.3 | 4 | 4 |", "| reflow student (Euler) | 8 | 8 |",
                 "| teacher flow-euler (its ODE as a velocity model) | 2 | 2 |", "| instaflow student | 1 | 1 |",
@@ -128,5 +130,8 @@ def test_fewstep_table_has_every_row(tmp_path):
     assert "| 6 (6 rounds) |" in table and "| 3 (3 rounds) |" in table  # the 1- and 8-step progressive students
     rows = json.loads((tmp_path / "fs" / "fewstep.json").read_text())["rows"]
     assert os.path.isdir(tmp_path / "fs" / "tcd_clean0.5") and os.path.isdir(tmp_path / "fs" / "tcd")
-    # 31 rows of the families before, tcd 2 clean shares x 2 gammas x 4 steps, flow-euler 4, reflow 4, instaflow 1
-    assert len(rows) == 31 + 16 + 4 + 4 + 1 and all(row["n"] == 10 and 0 <= row["recall"] <= 1 for row in rows.values())
+    # 31 rows of the families before, warm LADD 1, tcd 2 clean shares x 2 gammas x 4 steps, flow-euler 4, reflow 4,
+    # instaflow 1
+    assert "| adversarial (LADD) student from the consistency student | 2 | 2 |" not in table  # its 1-step grid only
+    assert len(rows) == 31 + 1 + 16 + 4 + 4 + 1
+    assert all(row["n"] == 10 and 0 <= row["recall"] <= 1 for row in rows.values())
