@@ -81,11 +81,16 @@ def dmd2_flags(args, gan=True, real_guidance=1.0, steps=None):
             "--dmd2-real-guidance", real_guidance]
 
 
+def consistency_checkpoint(args):
+    """The consistency student's final checkpoint: the warm start of the DMD2 and LADD runs."""
+    return final_checkpoint(os.path.join(args.out, "consistency"), args.steps)
+
+
 def dmd2_warm_flags(args):
     """DMD2 started from the consistency student (--generator-init) on the 4-point grid, without the GAN term: the
     generator already samples, so the fake score starts near it and the distribution matching refines it."""
     return ["--step-distillation", "dmd2", "--sampling-steps", 4, "--max-steps", args.dmd2_warm_steps,
-            "--generator-init", final_checkpoint(os.path.join(args.out, "consistency"), args.steps),
+            "--generator-init", consistency_checkpoint(args),
             "--lr", args.dmd2_warm_lr, "--dmd2-fake-lr", args.dmd2_warm_fake_lr, "--ema-decay", args.ema_decay,
             "--dmd2-gan-generator-weight", 0, "--dmd2-gan-discriminator-weight", 0]
 
@@ -100,7 +105,7 @@ def adversarial_warm_flags(args):
     discriminator's noise below t = 250 (above it the teacher's features cannot tell the two apart, README) and the
     student and discriminator heads at one small learning rate; EMA 0.99, since the run is short."""
     return ["--step-distillation", "adversarial", "--sampling-steps", 1, "--max-steps", args.adversarial_warm_steps,
-            "--generator-init", final_checkpoint(os.path.join(args.out, "consistency"), args.steps),
+            "--generator-init", consistency_checkpoint(args),
             "--adversarial-distill-weight", 0, "--adversarial-loss", "softplus", "--adversarial-max-t", 250,
             "--lr", args.adversarial_warm_lr, "--adversarial-disc-lr", args.adversarial_warm_lr, "--ema-decay", 0.99]
 
@@ -428,16 +433,14 @@ def parse_args(argv=None):
     if args.steps < 6 or args.guidance_steps < 1 or args.num_samples < 2 or args.timing_samples < 1:
         parser.error("--steps must be at least 6 (6 rounds), --guidance-steps and --timing-samples 1, "
                      "--num-samples 2")
-    if "dmd2" in args.methods and args.dmd2_warm_steps < 0:
-        parser.error(f"--dmd2-warm-steps {args.dmd2_warm_steps}: give 0 (skip) or a positive count")
-    if "dmd2" in args.methods and args.dmd2_warm_steps and "consistency" not in args.methods:
-        parser.error("the warm-started DMD2 run starts from the consistency student: add consistency to --methods "
-                     "or pass --dmd2-warm-steps 0")
-    if "adversarial" in args.methods and args.adversarial_warm_steps < 0:
-        parser.error(f"--adversarial-warm-steps {args.adversarial_warm_steps}: give 0 (skip) or a positive count")
-    if "adversarial" in args.methods and args.adversarial_warm_steps and "consistency" not in args.methods:
-        parser.error("the warm-started adversarial run starts from the consistency student: add consistency to "
-                     "--methods or pass --adversarial-warm-steps 0")
+    for family, label, steps in (("dmd2", "DMD2", args.dmd2_warm_steps),
+                                 ("adversarial", "adversarial", args.adversarial_warm_steps)):
+        flag = f"--{family}-warm-steps"
+        if family in args.methods and steps < 0:
+            parser.error(f"{flag} {steps}: give 0 (skip) or a positive count")
+        if family in args.methods and steps and "consistency" not in args.methods:
+            parser.error(f"the warm-started {label} run starts from the consistency student: add consistency to "
+                         f"--methods or pass {flag} 0")
     return args
 
 
